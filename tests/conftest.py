@@ -1,0 +1,22 @@
+"""Shared test fixtures: real datasets (skip only outside CI), small synthetic shard sets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+HUMAN_SEG = SHARED / "human-segmentation"
+CLOTHING = SHARED / "clothing-parsing"
+
+
+def require_dataset(path: Path) -> Path:
+    """Return ``path``; skip the test when it is absent outside CI, fail when absent under CI."""
+    if not path.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"dataset {path} is missing under CI (../shared/datasets must be present)")
+        pytest.skip(f"dataset {path} not present")
+    return path

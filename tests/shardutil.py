@@ -1,0 +1,48 @@
+"""Tiny shard sets for stream/train tests, written with webdataset.ShardWriter directly.
+
+Each sample's image is a flat colour that encodes its global index and its mask is a
+constant class, so a test can tell which sample a decoded batch row came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import webdataset as wds
+
+
+def sample_bytes(i: int, size: int) -> tuple[bytes, bytes]:
+    rng = np.random.default_rng(i)
+    img = np.full((size, size, 3), (i * 37 % 256, i * 91 % 256, i * 13 % 256), np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx, r = rng.integers(size // 4, 3 * size // 4, 2).tolist() + [int(rng.integers(size // 8, size // 3))]
+    fg = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+    img[fg] = (255 - img[fg]) // 2 + 60
+    mask = fg.astype(np.uint8)
+    return cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))[1].tobytes(), cv2.imencode(".png", mask)[1].tobytes()
+
+
+def write_shards(out: Path, splits: dict[str, list[int]], size: int = 32) -> Path:
+    """splits: {"train": [7, 5, 2], "val": [...]} = samples per shard. Writes manifest.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": "segdist-shards", "version": 1, "task": "binary", "num_classes": 2,
+                "class_names": ["background", "foreground"], "ignore_index": 255, "splits": {}}
+    gid = 0
+    for split, sizes in splits.items():
+        shards = []
+        for s, n in enumerate(sizes):
+            name = f"{split}-{s:06d}.tar"
+            with wds.TarWriter(str(out / name)) as w:
+                for _ in range(n):
+                    img, mask = sample_bytes(gid, size)
+                    w.write({"__key__": f"{split}_{gid:05d}", "image.png": img, "mask.png": mask})
+                    gid += 1
+            data = (out / name).read_bytes()
+            shards.append({"name": name, "samples": n, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+        manifest["splits"][split] = {"samples": sum(sizes), "shards": shards}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
