@@ -70,6 +70,8 @@ class ModelConfig:
     """0 = take it from the shard manifest. 1 = binary (sigmoid), K>1 = K-way softmax."""
     channels_last: bool = False
     compile: bool = False
+    freeze_bn: bool = False
+    """Keep BatchNorm layers in eval mode while training (small per-device batches)."""
 
 
 @dataclass
@@ -179,6 +181,11 @@ def _coerce(key: str, value, typ):
         raise NotImplementedError(typ)  # the schema uses no unions; keep it that way
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. resume=123 or name=2024 is meant as text
     if typ is str and value is None:

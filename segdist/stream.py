@@ -319,7 +319,10 @@ def make_loader(urls: list[str], sizes: list[int], *, batch_size: int, image_siz
                      num_workers=num_workers, **stream_kw)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
+    # Own generator: the DataLoader draws its workers' base seed from it, not from the global
+    # torch RNG, so creating a loader never shifts augmentation randomness (resume stays exact).
     return DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(stream_kw.get("seed", 0)),
                       prefetch_factor=4 if num_workers else None,
                       multiprocessing_context="fork" if num_workers and os.name == "posix" else None)
 

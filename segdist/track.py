@@ -82,6 +82,10 @@ def overlay(image: np.ndarray, mask: np.ndarray, num_classes: int, alpha: float 
     paint = (m > 0) & (m < len(col))
     out = image.copy()
     out[paint] = (alpha * col[m[paint]] + (1 - alpha) * image[paint]).astype(np.uint8)
+    # A white outline keeps the region readable when its colour is close to the object's own.
+    ids = np.where(paint, m, 0).astype(np.uint8)
+    edge = cv2.morphologyEx(ids, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+    out[edge] = 255
     return out
 
 

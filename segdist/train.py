@@ -64,6 +64,14 @@ def out_channels_for(cfg: Config, info: dict) -> int:
     return 1 if info["task"] == "binary" else info["num_classes"]
 
 
+def set_train_mode(model, freeze_bn: bool) -> None:
+    model.train()
+    if freeze_bn:  # running stats stay fixed; BN affine weights still train
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
 def to_device(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     # uint8 crosses the bus (4x less than float32); conversion happens on the device.
     return (batch["image"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True))
@@ -146,7 +154,7 @@ def summary_line(epoch: int, rec: dict) -> str:
 def run(cfg: Config) -> dict:
     """Train ``cfg``; returns the last evaluation's metrics (main and other ranks alike)."""
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
-    accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision, log_with=tracker_names(cfg),
+    accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision, log_with=tracker_names(cfg) or None,
                               project_dir=str(run_dir), step_scheduler_with_optimizer=False)
     # Different augmentation per rank, reproducible per seed.
     set_seed(cfg.train.seed, device_specific=True)
@@ -200,7 +208,7 @@ def run(cfg: Config) -> dict:
                              rank=accelerator.process_index, world_size=world, start_batch=loop["batch"],
                              shuffle_buffer=cfg.data.shuffle_buffer, reduced_decode=cfg.data.reduced_decode)
         n_batches = loop["batch"] + len(loader)
-        model.train(), train_aug.train()
+        set_train_mode(model, cfg.model.freeze_bn)
         t_epoch, t_wait, seen, loss_total, loss_n = time.perf_counter(), 0.0, 0, 0.0, 0
         epoch_loss = torch.zeros(2, device=accelerator.device)  # (sum of batch losses, batches)
         bar = tqdm(total=n_batches, initial=loop["batch"], desc=f"epoch {epoch}",

@@ -1,0 +1,76 @@
+"""Config: YAML + key=value overrides, typed, unknown keys named with the nearest valid one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from segdist.config import Config, config_from_dict, load_config, save_config
+from segdist.errors import UserError
+from tests.conftest import REPO
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  batch_size: 4\noptim:\n  lr: 0.01\n")
+    cfg = load_config(f, ["optim.lr=3e-4", "epochs=7", "augment.crop_scale=[0.3, 0.9]", "track.tags=[a, b]"])
+    assert cfg.data.batch_size == 4
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.epochs == 7
+    assert cfg.augment.crop_scale == [0.3, 0.9]
+    assert cfg.track.tags == ["a", "b"]
+
+
+def test_int_is_accepted_for_float():
+    assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("optim.lrr=0.1", "did you mean 'optim.lr'"),
+    ("train.epoch=3", "did you mean 'train.epochs'"),
+    ("batchsize=3", "data.batch_size"),
+    ("data.batch_size=big", "expects int"),
+    ("train.epochs=2.5", "expects int"),
+    ("augment.hflip=yes", "expects float"),     # YAML 'yes' is a bool, not a probability
+    ("train.mixed_precision=fp8", "must be one of no, fp16, bf16"),
+    ("data.image_size=100", "multiple of 32"),
+    ("noequals", "not key=value"),
+])
+def test_bad_override_names_the_key(override, needle):
+    with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])
+
+
+def test_ambiguous_leaf_is_an_error():
+    with pytest.raises(UserError, match="loss.name, optim.name, train.name"):
+        load_config(None, ["name=x"])  # loss.name, optim.name and train.name all exist
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(UserError, match="optim.learning_rate"):
+        load_config(f)
+
+
+def test_round_trip_through_saved_yaml(tmp_path):
+    cfg = load_config(None, ["optim.lr=0.02", "train.name=x"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert again == cfg and isinstance(again, Config)
+
+
+def test_shipped_configs_load():
+    for f in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(f)
+
+
+def test_cli_typo_is_one_line_no_traceback(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "segdist.cli", "train", "optim.lrr=0.1"], capture_output=True,
+                       text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("segdist: error: unknown config key 'optim.lrr'")

@@ -1,0 +1,162 @@
+"""Trainer: kill -9 + resume is bit-identical, accumulation == big batch, NaN guard, W&B offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from segdist.errors import UserError
+from tests.conftest import REPO
+from tests.shardutil import write_shards
+
+BASE = ["data.image_size=64", "data.num_workers=1", "model.pretrained=none", "track.backend=none",
+        "train.overlays=2", "optim.lr=0.01"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("train"), {"train": [7, 5, 4], "val": [3, 3]}, size=64)
+
+
+def train_cmd(shards, out, name, *extra):
+    return [sys.executable, "-m", "segdist.cli", "train", f"data.shards={shards}", f"train.out_dir={out}",
+            f"train.name={name}", *BASE, *extra]
+
+
+def env():
+    return {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def run_ok(cmd, timeout=300):
+    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"STDOUT:\n{p.stdout[-2000:]}\nSTDERR:\n{p.stderr[-4000:]}"
+    return p
+
+
+def weights(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "last" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_auto_is_bit_identical(shards, tmp_path):
+    args = ["data.batch_size=2", "train.epochs=3", "train.checkpoint_every=2", "train.keep_last=3"]
+    run_ok(train_cmd(shards, tmp_path, "straight", *args))
+
+    cmd = train_cmd(shards, tmp_path, "killed", *args)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    states = tmp_path / "killed" / "states"
+    deadline = time.time() + 240
+    # Kill mid-epoch-2: after a periodic state of the second epoch exists (8 steps/epoch).
+    while time.time() < deadline and not (states / "step-00000010").exists():
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed; make the run longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "states" / "step-00000024").exists()
+
+    p = run_ok(train_cmd(shards, tmp_path, "killed", *args, "train.resume=auto"))
+    assert "resumed from" in p.stdout
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if r.get("event") == "epoch"][-1] == 3
+
+
+@pytest.mark.slow
+def test_accumulation_2x4_equals_batch_8(tmp_path):
+    # 8 train samples: one optimiser step either way. BCE is a per-pixel mean (Dice is not
+    # additive over samples), BN frozen, no augmentation, no clipping.
+    shards = write_shards(tmp_path / "s", {"train": [8], "val": [2]}, size=64)
+    common = ["train.epochs=1", "loss.name=bce", "model.freeze_bn=true", "augment.enabled=false",
+              "optim.grad_clip=0", "optim.name=sgd", "optim.momentum=0", "optim.scheduler=constant",
+              "optim.weight_decay=0", "optim.lr=0.5", "data.shuffle_buffer=1"]
+    run_ok(train_cmd(shards, tmp_path, "big", *common, "data.batch_size=8"))
+    run_ok(train_cmd(shards, tmp_path, "accum", *common, "data.batch_size=4", "optim.accumulate=2"))
+    a, b = weights(tmp_path / "big"), weights(tmp_path / "accum")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+    # and the step really moved the weights (the comparison is not between two untouched models)
+    run_ok(train_cmd(shards, tmp_path, "other", *common, "data.batch_size=4"))  # 2 steps of 4
+    c = weights(tmp_path / "other")
+    assert any(not torch.allclose(a[k], c[k], rtol=1e-4, atol=1e-6) for k in a if a[k].is_floating_point())
+
+
+class NaNAt(torch.nn.Module):
+    """Fault injection: wraps the real loss and returns NaN on the listed calls (1-based)."""
+
+    def __init__(self, inner, bad):
+        super().__init__()
+        self.inner, self.bad, self.calls = inner, bad, 0
+
+    def forward(self, logits, target):
+        self.calls += 1
+        loss = self.inner(logits, target)
+        return loss * float("nan") if self.calls in self.bad else loss
+
+
+@pytest.fixture
+def fresh_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def nan_run(shards, tmp_path, monkeypatch, bad, name):
+    import segdist.train as train
+    from segdist.config import load_config
+
+    real = train.create_loss
+    monkeypatch.setattr(train, "create_loss", lambda cfg, ch: NaNAt(real(cfg, ch), bad))
+    cfg = load_config(None, [f"data.shards={shards}", f"train.out_dir={tmp_path}", f"train.name={name}", *BASE,
+                             "data.num_workers=0", "data.batch_size=2", "train.epochs=1", "train.max_nonfinite=3",
+                             "train.log_every=1"])
+    return train.run(cfg), tmp_path / name
+
+
+def test_single_nan_is_skipped_and_counted(shards, tmp_path, monkeypatch, fresh_accelerate):
+    metrics, run_dir = nan_run(shards, tmp_path, monkeypatch, {2}, "one-nan")
+    events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["count"] for e in events if e.get("event") == "nonfinite"] == [1]
+    steps = [e for e in events if e.get("event") == "train"]
+    assert len(steps) == 7  # 8 batches, one skipped
+    assert all(torch.isfinite(t).all() for t in weights(run_dir).values())
+    assert metrics["num_samples"] == 6
+
+
+def test_repeated_nans_stop_cleanly_with_a_saved_state(shards, tmp_path, monkeypatch, fresh_accelerate):
+    with pytest.raises(UserError, match="non-finite for 3 consecutive steps"):
+        nan_run(shards, tmp_path, monkeypatch, set(range(3, 100)), "many-nans")
+    states = list((tmp_path / "many-nans" / "states").glob("step-*"))
+    assert len(states) == 1
+    state = load_file(str(states[0] / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in state.values())
+    loop = json.loads((states[0] / "loop.json").read_text())
+    assert loop["step"] == 2 and loop["nonfinite"] == 3
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_has_metrics_and_images(shards, tmp_path):
+    run_ok(train_cmd(shards, tmp_path, "wb", "data.batch_size=4", "train.epochs=1", "track.backend=wandb"))
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    blob = b"".join(f.read_bytes() for f in runs[0].glob("*.wandb"))
+    for key in (b"val_iou", b"train_loss", b"val/overlays"):
+        assert key in blob, key
+    images = list(runs[0].glob("files/media/images/**/*.png"))
+    assert images, "no overlay images logged"
+    assert (tmp_path / "wb" / "curves.png").is_file()
+    assert (tmp_path / "wb" / "config.yaml").is_file()
+    assert (tmp_path / "wb" / "best" / "model.safetensors").is_file()
