@@ -105,8 +105,8 @@ class TrainConfig:
     name: str = "run"
     out_dir: str = "runs"
     epochs: int = 10
-    mixed_precision: str = "no"
-    """``no``, ``fp16`` or ``bf16``."""
+    mixed_precision: str = "auto"
+    """``no``, ``fp16``, ``bf16``, or ``auto``: what ``accelerate launch``/its config file says (else no)."""
     seed: int = 42
     eval_every: int = 1
     """Evaluate every N epochs (and always after the last)."""
@@ -224,7 +224,7 @@ def _set(cfg: Config, key: str, value) -> None:
 
 def _validate(cfg: Config) -> None:
     choices = {
-        "train.mixed_precision": (cfg.train.mixed_precision, ("no", "fp16", "bf16")),
+        "train.mixed_precision": (cfg.train.mixed_precision, ("auto", "no", "fp16", "bf16")),
         "optim.name": (cfg.optim.name, ("adamw", "adam", "sgd")),
         "optim.scheduler": (cfg.optim.scheduler, ("cosine", "poly", "onecycle", "constant")),
         "track.backend": (cfg.track.backend, ("wandb", "tensorboard", "none")),

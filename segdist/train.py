@@ -54,6 +54,8 @@ def make_accelerator(**kw) -> Accelerator:
     CPU-only ``accelerate launch --num_processes 2`` gives two independent single processes.
     """
     no_gpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    if kw.get("mixed_precision") == "auto":
+        kw["mixed_precision"] = None  # Accelerate reads ACCELERATE_MIXED_PRECISION set by `accelerate launch`
     return Accelerator(cpu=no_gpu, **kw)
 
 

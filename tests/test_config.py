@@ -35,7 +35,7 @@ def test_int_is_accepted_for_float():
     ("data.batch_size=big", "expects int"),
     ("train.epochs=2.5", "expects int"),
     ("augment.hflip=yes", "expects float"),     # YAML 'yes' is a bool, not a probability
-    ("train.mixed_precision=fp8", "must be one of no, fp16, bf16"),
+    ("train.mixed_precision=fp8", "must be one of auto, no, fp16, bf16"),
     ("data.image_size=100", "multiple of 32"),
     ("noequals", "not key=value"),
 ])

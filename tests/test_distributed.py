@@ -59,7 +59,9 @@ def test_two_process_training_reports_what_one_process_eval_measures(trained):
 
 def test_two_process_eval_equals_one_process_exactly(trained):
     single = eval_json(trained["run"] / "last", trained["shards"], [sys.executable])
-    double = eval_json(trained["run"] / "last", trained["shards"], [*LAUNCH])
+    # the shipped 2-process CPU launcher config, as users run it
+    cfg_launch = [str(BIN / "accelerate"), "launch", "--config_file", "launch/accelerate/cpu2.yaml"]
+    double = eval_json(trained["run"] / "last", trained["shards"], cfg_launch)
     assert double["num_samples"] == single["num_samples"] == 14
     for a, b in zip(single["per_class"], double["per_class"]):
         assert (a["tp"], a["fp"], a["fn"]) == (b["tp"], b["fp"], b["fn"])
