@@ -32,11 +32,14 @@ def tracker_names(cfg: Config) -> list[str]:
 def init_trackers(accelerator, cfg: Config, run_dir: Path) -> None:
     if cfg.track.backend == "none":
         return
-    kw = {}
+    kw, config = {}, cfg.to_dict()
+    if cfg.track.backend == "tensorboard":  # hparams take flat scalars only
+        config = {f"{sec}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+                  for sec, body in config.items() for k, v in body.items()}
     if cfg.track.backend == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")  # no account needed; `wandb sync` later
         kw = {"wandb": {"name": cfg.train.name, "tags": cfg.track.tags, "dir": str(run_dir)}}
-    accelerator.init_trackers(cfg.track.project, config=cfg.to_dict(), init_kwargs=kw)
+    accelerator.init_trackers(cfg.track.project, config=config, init_kwargs=kw)
 
 
 class RunLog:

@@ -160,3 +160,30 @@ def test_wandb_offline_run_has_metrics_and_images(shards, tmp_path):
     assert (tmp_path / "wb" / "curves.png").is_file()
     assert (tmp_path / "wb" / "config.yaml").is_file()
     assert (tmp_path / "wb" / "best" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_ema_and_tensorboard_and_resume_with_ema(shards, tmp_path):
+    args = ["data.batch_size=4", "optim.ema=0.9", "track.backend=tensorboard"]
+    run_ok(train_cmd(shards, tmp_path, "ema", *args, "train.epochs=1"))
+    state = sorted((tmp_path / "ema" / "states").glob("step-*"))[-1]
+    assert (state / "ema.safetensors").is_file()
+    assert list((tmp_path / "ema").rglob("events.out.tfevents.*"))
+    p = run_ok(train_cmd(shards, tmp_path, "ema", *args, "train.epochs=2", "train.resume=auto"))
+    assert "resumed from" in p.stdout and "epoch 2 |" in p.stdout
+
+
+def test_resume_auto_skips_torn_states(tmp_path):
+    from segdist.checkpoint import find_resume, torn_states
+
+    states = tmp_path / "states"
+    for name, complete in (("step-00000002", True), ("step-00000004", True), (".tmp-step-00000006", False),
+                           ("step-00000008", False)):
+        (states / name).mkdir(parents=True)
+        if complete:
+            (states / name / "loop.json").write_text("{}")
+    assert find_resume("auto", states).name == "step-00000004"
+    assert [p.name for p in torn_states(states)] == [".tmp-step-00000006", "step-00000008"]
+    assert find_resume("", states) is None
+    with pytest.raises(UserError, match="not a complete state"):
+        find_resume(str(states / "step-00000008"), states)
