@@ -37,6 +37,8 @@ class DataConfig:
     """Samples held in the in-worker shuffle buffer (encoded bytes, cheap)."""
     reduced_decode: bool = True
     """Let libjpeg decode at 1/2, 1/4, 1/8 scale when the image is that much larger than image_size."""
+    decode: str = "cpu"
+    """``cpu`` (OpenCV in the loader workers) or ``device`` (JPEGs decoded on the accelerator: nvJPEG on CUDA)."""
 
 
 @dataclass
@@ -228,6 +230,7 @@ def _validate(cfg: Config) -> None:
         "optim.name": (cfg.optim.name, ("adamw", "adam", "sgd")),
         "optim.scheduler": (cfg.optim.scheduler, ("cosine", "poly", "onecycle", "constant")),
         "track.backend": (cfg.track.backend, ("wandb", "tensorboard", "none")),
+        "data.decode": (cfg.data.decode, ("cpu", "device")),
         "loss.name": (cfg.loss.name, ("auto", "dice_bce", "dice_ce", "bce", "ce", "dice")),
     }
     for key, (value, allowed) in choices.items():

@@ -15,7 +15,7 @@ import numpy as np
 import webdataset as wds
 
 
-def sample_bytes(i: int, size: int) -> tuple[bytes, bytes]:
+def sample_bytes(i: int, size: int, ext: str = "png") -> tuple[bytes, bytes]:
     rng = np.random.default_rng(i)
     img = np.full((size, size, 3), (i * 37 % 256, i * 91 % 256, i * 13 % 256), np.uint8)
     yy, xx = np.mgrid[:size, :size]
@@ -23,10 +23,11 @@ def sample_bytes(i: int, size: int) -> tuple[bytes, bytes]:
     fg = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
     img[fg] = (255 - img[fg]) // 2 + 60
     mask = fg.astype(np.uint8)
-    return cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))[1].tobytes(), cv2.imencode(".png", mask)[1].tobytes()
+    enc = cv2.imencode(f".{ext}", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))[1].tobytes()
+    return enc, cv2.imencode(".png", mask)[1].tobytes()
 
 
-def write_shards(out: Path, splits: dict[str, list[int]], size: int = 32) -> Path:
+def write_shards(out: Path, splits: dict[str, list[int]], size: int = 32, ext: str = "png") -> Path:
     """splits: {"train": [7, 5, 2], "val": [...]} = samples per shard. Writes manifest.json."""
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"format": "segdist-shards", "version": 1, "task": "binary", "num_classes": 2,
@@ -38,8 +39,8 @@ def write_shards(out: Path, splits: dict[str, list[int]], size: int = 32) -> Pat
             name = f"{split}-{s:06d}.tar"
             with wds.TarWriter(str(out / name)) as w:
                 for _ in range(n):
-                    img, mask = sample_bytes(gid, size)
-                    w.write({"__key__": f"{split}_{gid:05d}", "image.png": img, "mask.png": mask})
+                    img, mask = sample_bytes(gid, size, ext)
+                    w.write({"__key__": f"{split}_{gid:05d}", f"image.{ext}": img, "mask.png": mask})
                     gid += 1
             data = (out / name).read_bytes()
             shards.append({"name": name, "samples": n, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})

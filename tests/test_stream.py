@@ -133,3 +133,25 @@ def test_too_small_for_batch_is_a_user_error(shards):
 
     with pytest.raises(UserError, match="batch_size"):
         ShardStream(["x"], [3], batch_size=4, image_size=32, train=True)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_jpeg_decode_matches_cpu_decode(tmp_path, device):
+    from segdist.stream import to_device
+
+    jpg = write_shards(tmp_path, {"val": [6]}, size=96, ext="jpg")
+    urls, sizes = resolve_shards(str(jpg), "val")
+    kw = dict(batch_size=3, image_size=64, train=False, pin_memory=False)
+    on_cpu = list(make_loader(urls, sizes, **kw))
+    on_dev = list(make_loader(urls, sizes, device_decode=True, **kw))
+    assert all(b["jpeg"] and all(j is not None for j in b["jpeg"]) for b in on_dev)
+    for a, b in zip(on_cpu, on_dev):
+        ia, ma = to_device(a, device)
+        ib, mb = to_device(b, device)
+        assert ib.dtype == torch.uint8 and ib.shape == ia.shape and ib.device.type == device
+        assert torch.equal(ma, mb)
+        # different decoders and resamplers: close, not equal
+        assert (ia.float() - ib.float()).abs().mean() < 4.0
