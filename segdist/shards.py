@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import functools
 import hashlib
 import io
@@ -62,6 +63,8 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
 SPLIT_ORDER = ("train", "val", "test")
 MAX_KEY_LEN = 64  # USTAR tar names are limited to 100 bytes: key + ".image.jpg" must fit
 
+_IMAGE_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
+                          "I;16", "I;16L", "I;16B", "I;16N", "I"})
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_AXES = frozenset({5, 6, 7, 8})  # EXIF orientations that exchange width and height
 
@@ -196,54 +199,64 @@ def _discover_folders(images: Path, masks: Path, root: Path, pattern: str | None
     for what, folder in (("images", images), ("masks", masks)):
         if not folder.is_dir():
             raise UserError(f"{what} folder {folder} does not exist")
-    ignored: list[dict] = []
-    skipped: list[dict] = []
-    image_files = _walk_files(images, root, ignored)
-    mask_files = image_files if images.resolve() == masks.resolve() else _walk_files(masks, root, [])
-    if images.resolve() != masks.resolve():
-        _walk_files(masks, root, ignored)  # report the masks folder's stray files too
-    elif not pattern:
+    same = images.resolve() == masks.resolve()
+    if same and not pattern:
         raise UserError(f"--images and --masks are the same folder ({images}); pass --mask-pattern, "
                         "e.g. '{stem}_mask.png'")
-    raw: list[tuple[str, Path, Path, str | None]] = []  # (key base, image, mask, split)
-    used_masks: set[str] = set()
-    if pattern:
-        expected = {rel: _expected_mask(rel, pattern) for rel in image_files}
-        mask_names = set(expected.values())
-        for rel, path in image_files.items():
-            if rel in mask_names:
-                continue  # a mask living beside its image
-            m = expected[rel]
-            if m in mask_files:
-                used_masks.add(m)
-                raw.append((rel.rsplit(".", 1)[0], path, mask_files[m], split))
-            else:
-                skipped.append({"path": _display(path, root), "reason": f"no mask (expected {_display(masks / m, root)})"})
-        orphans = [m for m in mask_files if m not in used_masks and (mask_files is not image_files or m in mask_names)]
-    else:
-        mask_stems = _by_stem(mask_files)
-        for stem, rels in _by_stem(image_files).items():
-            candidates = mask_stems.get(stem, [])
-            if len(rels) > 1:
-                for rel in rels:
-                    skipped.append({"path": _display(image_files[rel], root),
-                                    "reason": f"several images share the name {stem}.* ({', '.join(rels)})"})
-                used_masks.update(candidates)
-            elif not candidates:
-                skipped.append({"path": _display(image_files[rels[0]], root),
-                                "reason": f"no mask (expected {_display(masks / stem, root)}.png or another image extension)"})
-            elif len(candidates) > 1:
-                used_masks.update(candidates)
-                skipped.append({"path": _display(image_files[rels[0]], root),
-                                "reason": f"several masks match: {', '.join(candidates)}"})
-            else:
-                used_masks.add(candidates[0])
-                raw.append((stem, image_files[rels[0]], mask_files[candidates[0]], split))
-        orphans = [m for m in mask_files if m not in used_masks]
-    for m in orphans:
-        skipped.append({"path": _display(mask_files[m], root), "reason": "mask without image"})
+    ignored: list[dict] = []
+    image_files = _walk_files(images, root, ignored)
+    mask_files = image_files if same else _walk_files(masks, root, ignored)
+    match = _match_by_pattern if pattern else _match_by_stem
+    matched, skipped = match(image_files, mask_files, pattern, masks, root)
+    raw = [(stem, image_files[i], mask_files[m], split) for stem, i, m in matched]
     return Discovery(kind, root, _pairs_from_raw(raw, root), skipped, ignored,
                      {"images": str(images), "masks": str(masks)})
+
+
+def _match_by_pattern(image_files: dict[str, Path], mask_files: dict[str, Path], pattern: str, masks: Path,
+                      root: Path) -> tuple[list[tuple[str, str, str]], list[dict]]:
+    """(stem, image, mask) by ``pattern.format(stem=...)`` in the image's sub-folder; plus skips."""
+    expected = {rel: _expected_mask(rel, pattern) for rel in image_files}
+    mask_names = set(expected.values())
+    matched, skipped = [], []
+    for rel, path in image_files.items():
+        if rel in mask_names:
+            continue  # a mask living beside its image (--images and --masks are one folder)
+        if expected[rel] in mask_files:
+            matched.append((rel.rsplit(".", 1)[0], rel, expected[rel]))
+        else:
+            wanted = _display(masks / expected[rel], root)
+            skipped.append({"path": _display(path, root), "reason": f"no mask (expected {wanted})"})
+    used = {m for _, _, m in matched}
+    own_folder = mask_files is image_files  # there, only pattern-named files are masks at all
+    skipped += [{"path": _display(mask_files[m], root), "reason": "mask without image"}
+                for m in mask_files if m not in used and (not own_folder or m in mask_names)]
+    return matched, skipped
+
+
+def _match_by_stem(image_files: dict[str, Path], mask_files: dict[str, Path], pattern: None, masks: Path,
+                   root: Path) -> tuple[list[tuple[str, str, str]], list[dict]]:
+    """(stem, image, mask) for files with the same relative path up to the extension; plus skips."""
+    mask_stems = _by_stem(mask_files)
+    matched, skipped, used = [], [], set()
+    for stem, rels in _by_stem(image_files).items():
+        candidates = mask_stems.get(stem, [])
+        used.update(candidates)
+        if len(rels) > 1:
+            reason = f"several images share the name {stem}.* ({', '.join(rels)})"
+            skipped += [{"path": _display(image_files[rel], root), "reason": reason} for rel in rels]
+        elif not candidates:
+            wanted = _display(masks / stem, root)
+            skipped.append({"path": _display(image_files[rels[0]], root),
+                            "reason": f"no mask (expected {wanted}.png or another image extension)"})
+        elif len(candidates) > 1:
+            skipped.append({"path": _display(image_files[rels[0]], root),
+                            "reason": f"several masks match: {', '.join(candidates)}"})
+        else:
+            matched.append((stem, rels[0], candidates[0]))
+    skipped += [{"path": _display(mask_files[m], root), "reason": "mask without image"}
+                for m in mask_files if m not in used]
+    return matched, skipped
 
 
 def _split_folders(src: Path) -> dict[str, Path]:
@@ -316,67 +329,72 @@ def _read_rows(path: Path) -> list[dict]:
     raise UserError(f"unsupported manifest {path}: use .csv, .tsv, .jsonl or .ndjson")
 
 
-def _pick_column(columns: list[str], wanted: str | None, defaults: tuple[str, ...], what: str, path: Path,
-                 flag: str) -> str | None:
+def _pick_column(columns: list[str], wanted: str | None, defaults: tuple[str, ...], path: Path) -> str | None:
+    """``wanted`` (case-insensitive), else the first default present, else None."""
     lower = {c.strip().lower(): c for c in columns}
     if wanted:
-        if wanted in columns:
-            return wanted
-        if wanted.lower() in lower:
-            return lower[wanted.lower()]
-        raise UserError(f"{path} has no column '{wanted}' (columns: {', '.join(columns)})")
-    for name in defaults:
-        if name in lower:
-            return lower[name]
-    if what == "split":
-        return None
-    raise UserError(f"{path}: cannot tell which column holds the {what} paths (columns: {', '.join(columns)}); "
-                    f"pass {flag} NAME")
+        if wanted.strip().lower() not in lower:
+            raise UserError(f"{path} has no column '{wanted}' (columns: {', '.join(columns)})")
+        return lower[wanted.strip().lower()]
+    return next((lower[name] for name in defaults if name in lower), None)
+
+
+def _required_column(columns, wanted, defaults, path: Path, what: str, flag: str) -> str:
+    column = _pick_column(columns, wanted, defaults, path)
+    if column is None:
+        raise UserError(f"{path}: cannot tell which column holds the {what} paths (columns: {', '.join(columns)}); "
+                        f"pass {flag} NAME")
+    return column
 
 
 def _discover_manifest(path: Path, image_col: str | None, mask_col: str | None,
                        split_col: str | None) -> Discovery:
+    """Pairs listed in a CSV/TSV/JSONL file; paths relative to its folder or absolute."""
     rows = _read_rows(path)
     if not rows:
         raise UserError(f"{path} lists no samples")
     columns = list(rows[0].keys())
-    icol = _pick_column(columns, image_col, _IMAGE_COLS, "image", path, "--image-col")
-    mcol = _pick_column(columns, mask_col, _MASK_COLS, "mask", path, "--mask-col")
-    scol = _pick_column(columns, split_col, ("split",), "split", path, "--split-col")
+    icol = _required_column(columns, image_col, _IMAGE_COLS, path, "image", "--image-col")
+    mcol = _required_column(columns, mask_col, _MASK_COLS, path, "mask", "--mask-col")
+    scol = _pick_column(columns, split_col, ("split",), path)
     root = path.parent.resolve()
+    first_row = 2 if path.suffix.lower() in (".csv", ".tsv") else 1  # CSV line 1 is the header
     skipped: list[dict] = []
-    listed: list[tuple[int, Path, Path, str | None]] = []
-    seen: dict[Path, int] = {}
-    for n, row in enumerate(rows, 2 if path.suffix.lower() in (".csv", ".tsv") else 1):
-        image_cell = str(row.get(icol) or "").strip()
-        mask_cell = str(row.get(mcol) or "").strip()
+    listed: dict[Path, tuple[int, Path, str | None]] = {}  # image -> (row, mask, split)
+    for n, row in enumerate(rows, first_row):
         split = _split_name(row.get(scol), path, n) if scol else None
-        if not image_cell:
-            skipped.append({"path": f"{path.name}:{n}", "reason": "row has no image path"})
-            continue
-        image = Path(os.path.normpath(root / image_cell))
-        mask = Path(os.path.normpath(root / mask_cell)) if mask_cell else None
-        if image in seen:
-            skipped.append({"path": _display(image, root), "reason": f"listed twice ({path.name} rows {seen[image]} and {n})"})
-            continue
-        seen[image] = n
-        if not image.is_file():
-            skipped.append({"path": _display(image, root), "reason": f"image file not found ({path.name} row {n})"})
-        elif mask is None:
-            skipped.append({"path": _display(image, root), "reason": f"no mask listed ({path.name} row {n})"})
-        elif not mask.is_file():
-            skipped.append({"path": _display(image, root),
-                            "reason": f"mask file not found: {_display(mask, root)} ({path.name} row {n})"})
+        image, mask, problem = _resolve_row(row.get(icol), row.get(mcol), root)
+        where = f"{path.name} row {n}"
+        if image in listed:
+            problem = f"listed twice ({path.name} rows {listed[image][0]} and {n})"
+        if problem:
+            shown = _display(image, root) if image else f"{path.name}:{n}"
+            skipped.append({"path": shown, "reason": f"{problem} ({where})"})
         else:
-            listed.append((n, image, mask, split))
+            listed[image] = (n, mask, split)
     # Keys relative to the images' common folder, so a CSV and its folders give the same keys.
-    base = Path(os.path.commonpath([str(i.parent) for _, i, _, _ in listed])) if listed else root
+    base = Path(os.path.commonpath([str(i.parent) for i in listed])) if listed else root
     raw = [(image.relative_to(base).with_suffix("").as_posix(), image, mask, split)
-           for _, image, mask, split in listed]
-    ignored = _unlisted_files(path, root, {i for _, i, _, _ in listed} | {m for _, _, m, _ in listed}
-                              | set(seen))
+           for image, (_, mask, split) in listed.items()]
+    ignored = _unlisted_files(path, root, set(listed) | {m for _, m, _ in listed.values()})
     return Discovery("manifest", root, _pairs_from_raw(raw, root), skipped, ignored,
                      {"manifest": str(path), "columns": {"image": icol, "mask": mcol, "split": scol}})
+
+
+def _resolve_row(image_cell, mask_cell, root: Path) -> tuple[Path | None, Path | None, str]:
+    """(image, mask, problem) for one manifest row; ``problem`` is "" when both files exist."""
+    image_cell, mask_cell = str(image_cell or "").strip(), str(mask_cell or "").strip()
+    if not image_cell:
+        return None, None, "row has no image path"
+    image = Path(os.path.normpath(root / image_cell))  # an absolute cell replaces root
+    if not image.is_file():
+        return image, None, "image file not found"
+    if not mask_cell:
+        return image, None, "no mask listed"
+    mask = Path(os.path.normpath(root / mask_cell))
+    if not mask.is_file():
+        return image, mask, f"mask file not found: {_display(mask, root)}"
+    return image, mask, ""
 
 
 def _unlisted_files(manifest: Path, root: Path, listed: set[Path]) -> list[dict]:
@@ -548,39 +566,41 @@ class Labels:
     rule: str
 
 
-_BINARY_MAP = {0: 0, 1: 1, 255: 1, 65535: 1}
+_FULL_SCALE = (255, 65535)  # "all on" of 8- and 16-bit masks: foreground in binary masks, else void
 
 
 def decide_labels(names: list[str] | None, palette_names: list[str] | None, palette_size: int,
-                  values: set[int] | None, void: int | None, threshold: int | None) -> Labels:
+                  scanned: list[tuple[int, ...]] | None, void: int | None, threshold: int | None) -> Labels:
     """Choose task, class count and the raw-value -> stored-value map.
 
-    Binary when a class list has 2 names, when ``--mask-threshold`` is set, or (no class list)
-    when all mask values are within {0, 1}, {0, 255} or {0, 65535}: foreground -> 1. Values
-    {0, 1, 255} together read as binary with 255 = void. Otherwise multiclass with values as
-    indices; 255 is void. ``values`` is the union of raw mask values (None: not scanned).
+    Binary when a class list has 2 names, with ``--mask-threshold``, or (no class list) when
+    every mask holds only {0, 1} or only {0, 255} (16-bit: {0, 65535}): both read as 0/1. When
+    some mask holds 0, 1 and 255 together, 255 is void (the VOC convention). Otherwise
+    multiclass: values are class indices and 255 is void. ``scanned`` holds each mask's
+    distinct raw values (None: not scanned because classes are declared).
     """
     names = names or palette_names
     if threshold is not None:
         mapping, task, k, rule = {0: 0, 1: 1}, "binary", 2, f"threshold: value > {threshold} -> 1"
     elif names is not None or palette_size:
         k = len(names) if names is not None else palette_size
-        if k == 2:
-            mapping, task, rule = dict(_BINARY_MAP), "binary", "class list: 0 -> 0; 1, 255, 65535 -> 1"
-        else:
-            mapping, task, rule = {v: v for v in range(k)}, "multiclass", f"class list: values 0..{k - 1} are classes"
+        task = "binary" if k == 2 else "multiclass"
+        mapping = {0: 0, 1: 1, 255: 1, 65535: 1} if k == 2 else {v: v for v in range(k)}
+        rule = "class list: 0 -> 0; 1, 255, 65535 -> 1" if k == 2 else f"class list: values 0..{k - 1} are classes"
     else:
-        vals = set(values or ()) - {void}
-        if vals <= {0, 1} or vals <= {0, 255} or vals <= {0, 65535}:
-            mapping, task, k, rule = dict(_BINARY_MAP), "binary", 2, f"values {sorted(vals)}: non-zero -> 1"
-        elif vals <= {0, 1, 255}:
-            mapping, task, k, rule = {0: 0, 1: 1}, "binary", 2, "values {0, 1, 255}: 255 is void"
+        masks = [set(v) - {void} for v in scanned or ()]
+        union = set().union(*masks) if masks else set()
+        if all(m <= {0, 1} or m <= {0, *_FULL_SCALE} for m in masks) and union <= {0, 1, *_FULL_SCALE}:
+            mapping, task, k, rule = {0: 0, 1: 1, 255: 1, 65535: 1}, "binary", 2, \
+                f"masks hold {sorted(union)}: non-zero -> 1"
+        elif union <= {0, 1, *_FULL_SCALE}:
+            mapping, task, k, rule = {0: 0, 1: 1}, "binary", 2, "masks hold 0, 1 and 255: 255 is void"
         else:
-            k = max(v for v in vals if v != IGNORE_INDEX) + 1
+            k = max(v for v in union if v not in _FULL_SCALE) + 1
             mapping, task = {v: v for v in range(min(k, IGNORE_INDEX))}, "multiclass"
-            rule = f"values are class indices 0..{k - 1} (no --classes: names class_0..class_{k - 1})"
-    if task == "multiclass":
-        mapping[IGNORE_INDEX] = IGNORE_INDEX  # the usual void value of index masks
+            rule = f"values are class indices 0..{k - 1}" + ("" if names else f" (named class_0..class_{k - 1})")
+    for full in _FULL_SCALE:
+        mapping.setdefault(full, IGNORE_INDEX)  # void unless it means foreground above
     if void is not None:
         mapping[void] = IGNORE_INDEX
     if names is None:
@@ -675,14 +695,12 @@ def _png_is_plain_8bit(data: bytes, channels: int) -> bool:
     return depth == 8 and colour_type == (2 if channels == 3 else 0)
 
 
-def _image_to_array(im: Image.Image, channels: int, path: str) -> np.ndarray:
+def _image_to_array(im: Image.Image, channels: int) -> np.ndarray:
     """Decoded image as 8-bit ``(H, W, 3)`` RGB or ``(H, W)`` gray; 16-bit scaled by 1/257."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         wide = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
         gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
         return gray if channels == 1 else np.repeat(gray[..., None], 3, axis=2)
-    if im.mode == "F":
-        raise _Skip("floating-point image (mode F) is not supported; convert it to 8 or 16 bit", path)
     return np.asarray(im.convert("RGB" if channels == 3 else "L"))
 
 
@@ -731,13 +749,16 @@ def _colours_to_values(rgb: np.ndarray, palette: tuple[tuple[int, int], ...], pa
     return values[inverse.reshape(packed.shape)]
 
 
+def _present_values(raw: np.ndarray) -> np.ndarray:
+    """Distinct values of a mask; a 256-bin count is ~10x faster than np.unique for 8-bit masks."""
+    if raw.dtype == np.uint8:
+        return np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
+    return np.unique(raw)
+
+
 def _mask_values(raw: np.ndarray, opts: Options) -> tuple[int, ...]:
     """Distinct raw values of a mask (void value excluded)."""
-    if raw.dtype == np.uint8:
-        present = np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
-    else:
-        present = np.unique(raw)
-    return tuple(int(v) for v in present if v != opts.void)
+    return tuple(int(v) for v in _present_values(raw) if v != opts.void)
 
 
 def _read_mask(pair: Pair, opts: Options) -> np.ndarray:
@@ -764,78 +785,113 @@ def scan_mask(pair: Pair, opts: Options) -> tuple[int, ...] | None:
         return None
 
 
-def _to_index(raw: np.ndarray, opts: Options, path: str) -> tuple[np.ndarray, tuple[int, ...]]:
+def _to_index(raw: np.ndarray, opts: Options) -> tuple[np.ndarray, tuple[int, ...]]:
     """Map raw values to stored ``(H, W) uint8`` values; also return the unknown raw values found."""
-    lut, known = _lookup(opts.value_map)
     if opts.threshold is not None:  # already 0/1/255
         return raw.astype(np.uint8), ()
-    present = np.flatnonzero(np.bincount(raw.ravel(), minlength=256)) if raw.dtype == np.uint8 else np.unique(raw)
-    unknown = tuple(int(v) for v in present if not known[v])
+    lut, known = _lookup(opts.value_map)
+    unknown = tuple(int(v) for v in _present_values(raw) if not known[v])
     return lut[raw], unknown
 
 
 def process_pair(pair: Pair, opts: Options) -> Result:
     """Worker: decode, check, repair and encode one pair. Never raises for bad input files."""
     try:
-        return _process(pair, opts)
+        flags: list[str] = []
+        image = _read_image(pair, opts)
+        index = _read_index_mask(pair, opts, image, flags)
+        image_bytes, ext, index = _encode_sample(image, index, opts, flags)
     except _Skip as s:
         return Result(pair.key, pair.split, "skip", str(s), s.path)
+    except _UnknownValues as u:
+        return Result(pair.key, pair.split, "unknown", path=pair.mask, values=u.values)
     except MemoryError:
         return Result(pair.key, pair.split, "skip", "image too large to decode in memory", pair.image)
+    ok, mask_png = cv2.imencode(".png", index)
+    return Result(pair.key, pair.split, "ok", image=image_bytes, image_ext=ext, mask=mask_png.tobytes(),
+                  width=index.shape[1], height=index.shape[0], flags=tuple(flags),
+                  hist=np.bincount(index.ravel(), minlength=256))
 
 
-def _process(pair: Pair, opts: Options) -> Result:
-    flags = []
+class _UnknownValues(Exception):
+    def __init__(self, values: tuple[int, ...]):
+        super().__init__(values)
+        self.values = values
+
+
+@dataclass
+class _Image:
+    """A decoded source image: ``size`` is upright (w, h), ``keep`` = store the file's own bytes."""
+
+    im: Image.Image
+    data: bytes
+    orientation: int
+    stored: tuple[int, int]
+    size: tuple[int, int]
+    scale: float
+    keep: bool
+
+
+def _read_image(pair: Pair, opts: Options) -> _Image:
     data = _read_bytes(pair.image)
     im = _open_image(data, pair.image, "image")
+    if im.mode not in _IMAGE_MODES:
+        raise _Skip(f"unsupported image mode {im.mode}; convert it to 8- or 16-bit RGB or gray", pair.image)
     orientation = _orientation(im)
-    stored_w, stored_h = im.size
-    w, h = (stored_h, stored_w) if orientation in _SWAPS_AXES else (stored_w, stored_h)
-    scale = opts.max_side / max(w, h) if opts.max_side and max(w, h) > opts.max_side else 1.0
+    stored = im.size
+    size = stored[::-1] if orientation in _SWAPS_AXES else stored
+    scale = opts.max_side / max(size) if opts.max_side and max(size) > opts.max_side else 1.0
     want_mode = "RGB" if opts.channels == 3 else "L"
-    keep = scale == 1.0 and orientation == 1 and (
-        (im.format == "JPEG" and im.mode == want_mode) or (im.format == "PNG" and _png_is_plain_8bit(data, opts.channels)))
+    plain = (im.format == "JPEG" and im.mode == want_mode) or (
+        im.format == "PNG" and _png_is_plain_8bit(data, opts.channels))
+    keep = plain and orientation == 1 and scale == 1.0
     if keep and im.format == "JPEG":
-        im.draft(im.mode, (max(stored_w // 8, 1), max(stored_h // 8, 1)))  # still reads every byte: catches truncation
+        # Only validity matters for kept bytes: a 1/8-scale decode still reads every byte (catches truncation).
+        im.draft(im.mode, (max(stored[0] // 8, 1), max(stored[1] // 8, 1)))
     _load(im, pair.image, "image")
+    return _Image(im, data, orientation, stored, size, scale, keep)
 
+
+def _read_index_mask(pair: Pair, opts: Options, image: _Image, flags: list[str]) -> np.ndarray:
+    """The mask as stored values ``(H, W) uint8``, turned like the image and resized to its upright size."""
     raw = _read_mask(pair, opts)
-    if orientation != 1:
+    if image.orientation != 1:
         flags.append("oriented")
-        mh, mw = raw.shape
-        drawn_upright = orientation in _SWAPS_AXES and _same_aspect((mw, mh), (w, h), opts.aspect_tolerance) \
-            and not _same_aspect((mw, mh), (stored_w, stored_h), opts.aspect_tolerance)
-        if not drawn_upright:  # the mask follows the stored pixels, like the image before rotation
-            raw = apply_orientation(raw, orientation)
-    index, unknown = _to_index(raw, opts, pair.mask)
+        frame = raw.shape[::-1]
+        drawn_upright = image.orientation in _SWAPS_AXES and _same_aspect(frame, image.size, opts.aspect_tolerance) \
+            and not _same_aspect(frame, image.stored, opts.aspect_tolerance)
+        if not drawn_upright:  # the mask follows the stored pixels, like the image before turning
+            raw = apply_orientation(raw, image.orientation)
+    index, unknown = _to_index(raw, opts)
+    if unknown and opts.unknown == "error":
+        raise _UnknownValues(unknown)
+    if unknown and opts.unknown == "skip":
+        raise _Skip(f"mask values {list(unknown)[:10]} are not declared classes", pair.mask)
     if unknown:
-        if opts.unknown == "error":
-            return Result(pair.key, pair.split, "unknown", path=pair.mask, values=unknown)
-        if opts.unknown == "skip":
-            raise _Skip(f"mask values {list(unknown)[:10]} are not declared classes", pair.mask)
-        flags.append("unknown-ignored")  # lut already stores them as 255
-    mh, mw = index.shape
+        flags.append("unknown-ignored")  # the lookup table already stores them as 255
+    (w, h), (mh, mw) = image.size, index.shape
     if (mw, mh) != (w, h):
         if not _same_aspect((mw, mh), (w, h), opts.aspect_tolerance):
             raise _Skip(f"mask is {mw}x{mh} but image is {w}x{h}: different aspect ratio", pair.mask)
         index = cv2.resize(index, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
         flags.append("resized")
+    return index
 
-    if keep:
-        image_bytes, ext = data, ("jpg" if im.format == "JPEG" else "png")
-    else:
-        array = apply_orientation(_image_to_array(im, opts.channels, pair.image), orientation)
-        if scale != 1.0:
-            size = (max(round(w * scale), 1), max(round(h * scale), 1))
-            array = cv2.resize(array, size, interpolation=cv2.INTER_AREA)
-            index = cv2.resize(index, size, interpolation=cv2.INTER_NEAREST_EXACT)
-            flags.append("downscaled")
-        image_bytes, ext = _encode_image(array, opts)
-        flags.append("reencoded")
-    ok, mask_png = cv2.imencode(".png", index)
-    return Result(pair.key, pair.split, "ok", image=image_bytes, image_ext=ext, mask=mask_png.tobytes(),
-                  width=index.shape[1], height=index.shape[0], flags=tuple(flags),
-                  hist=np.bincount(index.ravel(), minlength=256))
+
+def _encode_sample(image: _Image, index: np.ndarray, opts: Options,
+                   flags: list[str]) -> tuple[bytes, str, np.ndarray]:
+    """(image bytes, "jpg"|"png", mask): the source bytes when unchanged, else turned/scaled and encoded."""
+    if image.keep:
+        return image.data, ("jpg" if image.im.format == "JPEG" else "png"), index
+    array = apply_orientation(_image_to_array(image.im, opts.channels), image.orientation)
+    if image.scale != 1.0:
+        w, h = image.size
+        size = (max(round(w * image.scale), 1), max(round(h * image.scale), 1))
+        array = cv2.resize(array, size, interpolation=cv2.INTER_AREA)
+        index = cv2.resize(index, size, interpolation=cv2.INTER_NEAREST_EXACT)
+        flags.append("downscaled")
+    flags.append("reencoded")
+    return *_encode_image(array, opts), index
 
 
 # ============================================================================= parallel map
@@ -844,6 +900,10 @@ def default_workers() -> int:
         return max(len(os.sched_getaffinity(0)), 1)
     except AttributeError:  # pragma: no cover - not Linux
         return max(os.cpu_count() or 1, 1)
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one sample per process at a time; OpenCV's own pool would oversubscribe
 
 
 @contextlib.contextmanager
@@ -859,7 +919,7 @@ def _mapper(workers: int, n_items: int):
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["segdist.shards"])
     chunk = max(1, min(8, n_items // (workers * 8)))
-    with ctx.Pool(min(workers, n_items)) as pool:
+    with ctx.Pool(min(workers, n_items), initializer=_init_worker) as pool:
         yield lambda f, items: pool.imap(f, items, chunksize=chunk)
 
 
@@ -882,6 +942,8 @@ class _ShardSink:
         self._files: dict[str, object] = {}
         self._counts: Counter = Counter()
         # encoder=False: values are already encoded bytes; mtime=0 makes rebuilds byte-identical.
+        # A bare-name pattern + opener: a '%' in the output path cannot break `pattern % index`, and
+        # webdataset's URL handling (gopen, WDS_SECURE) stays out of local writes.
         self._writer = wds.ShardWriter(f"{split}-%06d.tar", maxcount=maxcount, maxsize=maxsize,
                                        post=self._finished, opener=self._open, verbose=0,
                                        encoder=False, mtime=0)
@@ -953,28 +1015,45 @@ _LOCK_WAIT_S = 15.0
 
 @contextlib.contextmanager
 def _build_lock(out: Path):
-    """Hold ``.<out>.lock`` beside ``out``: one build per output at a time (released even on kill -9)."""
+    """Hold ``.<out>.lock`` beside ``out``: one build per output at a time (released even on kill -9).
+
+    The file is removed on exit; a waiter that locked the removed file notices (inode changed) and
+    retries, so two builds never both hold "the" lock.
+    """
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX: no lock, builds must not overlap
         yield
         return
     lock_path = out.parent / f".{out.name}.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = time.monotonic() + _LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + _LOCK_WAIT_S
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _same_file(fd, lock_path):
                 break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise UserError(f"another 'segdist shards build' is writing {out} (lock {lock_path}); "
-                                    "wait for it to finish")
-                time.sleep(0.2)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise UserError(f"another 'segdist shards build' is writing {out} (lock {lock_path}); "
+                                "wait for it to finish")
+        os.close(fd)
+        time.sleep(0.1)
+    try:
         yield
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)
         os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _remove_stale(out: Path) -> list[str]:
@@ -1015,11 +1094,25 @@ def _is_shard_folder(folder: Path) -> bool:
         return False
 
 
-def _scan_values(pmap, pairs: list[Pair], opts: Options, progress: bool) -> set[int]:
-    values: set[int] = set()
-    for found in _progress(pmap(functools.partial(scan_mask, opts=opts), pairs), len(pairs), "scan masks", progress):
-        values.update(found or ())
-    return values
+def _scan_values(pmap, pairs: list[Pair], opts: Options, progress: bool, root: Path) -> list[tuple[int, ...]]:
+    """Each readable mask's distinct raw values (unreadable masks are skipped later, not here)."""
+    found = list(_progress(pmap(functools.partial(scan_mask, opts=opts), pairs), len(pairs), "scan masks", progress))
+    _refuse_mixed_binary(pairs, found, opts.void, root)
+    return [values for values in found if values is not None]
+
+
+def _refuse_mixed_binary(pairs: list[Pair], found: list, void: int | None, root: Path) -> None:
+    """0/255 masks next to masks with other values: anti-aliased or JPEG binary masks, not classes.
+
+    Guessing either way would silently corrupt labels, so the user decides.
+    """
+    binary = [p for p, v in zip(pairs, found) if v and set(v) - {void} <= {0, 255, 65535} and len(set(v) - {void}) > 1]
+    other = [(p, v) for p, v in zip(pairs, found) if v and set(v) - {void} - {0, 1, 255, 65535}]
+    if binary and other:
+        shown = "; ".join(f"{p.src_mask}: {list(v)[:6]}{' ...' if len(v) > 6 else ''}" for p, v in other[:3])
+        raise UserError(f"{len(binary)} masks hold only 0/255 but {len(other)} hold other values ({shown}). "
+                        "Anti-aliased or JPEG binary masks: pass --mask-threshold 127. Index masks: pass "
+                        "--classes FILE (255 = void)")
 
 
 def _import_in_background(module: str) -> None:
@@ -1057,12 +1150,8 @@ def build_shards(src=None, out=None, *, images=None, masks=None, mask_pattern=No
                       samples_per_shard, shard_size_mb, on_error, void, mask_threshold, aspect_tolerance)
     out = Path(out)
     workers = default_workers() if not workers or workers < 1 else workers
-    names = read_class_names(classes) if classes else None
-    palette_table, palette_names = read_palette(palette) if palette else ((), None)
-    if names and palette_names and names != palette_names:
-        raise UserError("--classes and --palette name the classes differently; pass one of them")
-    if palette_table and names and len(names) != len([1 for _, i in palette_table if i != IGNORE_INDEX]):
-        raise UserError(f"--palette has a different number of colours than --classes has names ({len(names)})")
+    names, palette_table, palette_names = _label_files(classes, palette)
+    n_colours = len([1 for _, i in palette_table if i != IGNORE_INDEX])
 
     found = discover(src, images=images, masks=masks, mask_pattern=mask_pattern, image_col=image_col,
                      mask_col=mask_col, split_col=split_col)
@@ -1082,10 +1171,9 @@ def build_shards(src=None, out=None, *, images=None, masks=None, mask_pattern=No
     with _build_lock(out), _mapper(workers, len(pairs)) as pmap:
         stale = _remove_stale(out)
         needs_scan = names is None and not palette_table and mask_threshold is None
-        values = _scan_values(pmap, pairs, opts, progress) if needs_scan else None
-        labels = decide_labels(names, palette_names,
-                               len([1 for _, i in palette_table if i != IGNORE_INDEX]), values, void, mask_threshold)
-        opts = Options(**{**opts.__dict__, "value_map": labels.value_map})
+        values = _scan_values(pmap, pairs, opts, progress, found.root) if needs_scan else None
+        labels = decide_labels(names, palette_names, n_colours, values, void, mask_threshold)
+        opts = dataclasses.replace(opts, value_map=labels.value_map)
         with atomic_dir(out) as tmp:
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; shards are usually shared
             manifest = _write_shards(tmp, pmap, pairs, opts, labels, found, samples_per_shard, shard_size_mb,
@@ -1094,6 +1182,18 @@ def build_shards(src=None, out=None, *, images=None, masks=None, mask_pattern=No
             manifest = _ordered_manifest(manifest)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")  # the folder rename is the atomic step
     return manifest
+
+
+def _label_files(classes, palette) -> tuple[list[str] | None, tuple, list[str] | None]:
+    """(class names, palette table, palette class names) from the --classes / --palette files."""
+    names = read_class_names(classes) if classes else None
+    table, palette_names = read_palette(palette) if palette else ((), None)
+    if names and palette_names and names != palette_names:
+        raise UserError("--classes and --palette name the classes differently; pass one of them")
+    n_colours = len([1 for _, i in table if i != IGNORE_INDEX])
+    if table and names and len(names) != n_colours:
+        raise UserError(f"--palette has {n_colours} class colours but --classes has {len(names)} names")
+    return names, table, palette_names
 
 
 def _write_shards(tmp: Path, pmap, pairs: list[Pair], opts: Options, labels: Labels, found: Discovery,
@@ -1112,8 +1212,8 @@ def _write_shards(tmp: Path, pmap, pairs: list[Pair], opts: Options, labels: Lab
             if result.status == "unknown":
                 raise _unknown_error(result, labels, found.root)
             if result.status == "skip":
-                entry = {"path": _display(Path(result.path), found.root) if result.path else by_key[result.key].src_image,
-                         "reason": result.reason}
+                shown = _display(Path(result.path), found.root) if result.path else by_key[result.key].src_image
+                entry = {"path": shown, "reason": result.reason}
                 if on_error == "fail":
                     raise UserError(f"{entry['path']}: {entry['reason']} (--on-error fail stops at the first problem)")
                 skipped.append(entry)
@@ -1376,9 +1476,9 @@ def verify_shards(folder, workers: int | None = None, progress: bool = True) -> 
 
     Raises UserError when ``folder`` is not a shard folder at all.
     """
+    if _is_url(str(folder)) and not str(folder).startswith("file://"):
+        raise UserError(f"verify needs a local shard folder, not {folder}: download it first")
     folder = _local(folder)
-    if _is_url(str(folder)):
-        raise UserError("verify needs a local shard folder")
     manifest = read_manifest(folder)
     k, channels = int(manifest.get("num_classes", 2)), int(manifest.get("channels", 3))
     tasks, problems = [], []
@@ -1420,11 +1520,18 @@ def _verify_totals(manifest: dict, seen: dict, sources: dict, hist_by_split: dic
     if sources:
         missing = sorted(set(sources) - set(seen))
         extra = sorted(set(seen) - set(sources))
-        if missing:
-            problems.append(f"{len(missing)} samples in {MANIFEST} are in no shard (e.g. {', '.join(missing[:5])})")
+        for shard, keys in sorted(_group_by_shard(missing, sources).items()):
+            problems.append(f"{shard}: {len(keys)} samples of {MANIFEST} not found (e.g. {', '.join(keys[:5])})")
         if extra:
             problems.append(f"{len(extra)} samples in shards are not in {MANIFEST} (e.g. {', '.join(extra[:5])})")
     return problems
+
+
+def _group_by_shard(keys: list[str], sources: dict) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(sources[key].get("shard", "?"), []).append(key)
+    return groups
 
 
 # ============================================================================= info / summaries
@@ -1437,8 +1544,8 @@ def summarize(manifest: dict, max_classes: int = 20) -> str:
         lines.append(f"  {split:<6} {info['samples']:>7} samples in {len(shards)} shard(s), {mb:.1f} MB")
     size = manifest.get("image_size") or {}
     if size:
-        lines.append(f"image size: {size['min_w']}x{size['min_h']} .. {size['max_w']}x{size['max_h']} "
-                     f"(mean {size['mean_w']:.0f}x{size['mean_h']:.0f})")
+        lines.append(f"image width {size['min_w']}..{size['max_w']} (mean {size['mean_w']:.0f}), "
+                     f"height {size['min_h']}..{size['max_h']} (mean {size['mean_h']:.0f})")
     freqs = manifest.get("class_frequencies", [])
     names = manifest.get("class_names", [])
     lines.append("class pixel frequencies:")
@@ -1471,7 +1578,7 @@ def add_cli(sub) -> None:
     _build_parser(ssub)
     v = ssub.add_parser("verify", help="re-hash and decode every shard; exit 1 on any problem")
     v.add_argument("dir", help="shard folder (holds manifest.json)")
-    v.add_argument("--workers", type=int, default=0, help="processes (default: CPU count)")
+    v.add_argument("--workers", metavar="N", type=int, default=0, help="processes (default: CPU count)")
     v.set_defaults(func=_cmd_verify)
     i = ssub.add_parser("info", help="print a shard folder's manifest summary")
     i.add_argument("dir", help="shard folder or http(s) URL prefix")
@@ -1483,38 +1590,40 @@ def _build_parser(ssub) -> None:
     b = ssub.add_parser("build", help="build shards from image/mask folders or a CSV/JSONL manifest",
                         description="Build {split}-NNNNNN.tar shards + manifest.json (see docs/shards.md).")
     b.add_argument("src", nargs="?", help="folder (images/+masks/, train/+val/, or one CSV) or a CSV/JSONL file")
-    b.add_argument("--out", required=True, help="output shard folder (replaced atomically if it is one)")
+    b.add_argument("--out", metavar="DIR", required=True, help="output shard folder (replaced atomically if it is one)")
     g = b.add_argument_group("source")
-    g.add_argument("--images", help="images folder (with --masks, instead of SRC)")
-    g.add_argument("--masks", help="masks folder")
-    g.add_argument("--mask-pattern", help="mask file name for an image stem, e.g. '{stem}_mask.png'")
-    g.add_argument("--image-col", help="manifest column of image paths (default: images/image)")
-    g.add_argument("--mask-col", help="manifest column of mask paths (default: masks/mask)")
-    g.add_argument("--split-col", help="manifest column of split names (default: 'split' if present)")
+    g.add_argument("--images", metavar="DIR", help="images folder (with --masks, instead of SRC)")
+    g.add_argument("--masks", metavar="DIR", help="masks folder")
+    g.add_argument("--mask-pattern", metavar="PATTERN", help="mask file name for an image stem, e.g. '{stem}_mask.png'")
+    g.add_argument("--image-col", metavar="NAME", help="manifest column of image paths (default: images/image)")
+    g.add_argument("--mask-col", metavar="NAME", help="manifest column of mask paths (default: masks/mask)")
+    g.add_argument("--split-col", metavar="NAME", help="manifest column of split names (default: 'split' if present)")
     g = b.add_argument_group("split")
-    g.add_argument("--val-fraction", type=float, default=0.2, help="share of samples in val (default 0.2)")
-    g.add_argument("--split-seed", type=int, default=42, help="seed of the hash split (default 42)")
+    g.add_argument("--val-fraction", metavar="F", type=float, default=0.2, help="share of samples in val (default 0.2)")
+    g.add_argument("--split-seed", metavar="N", type=int, default=42, help="seed of the hash split (default 42)")
     g = b.add_argument_group("labels")
-    g.add_argument("--classes", help="JSON class names: a list or {\"classes\": [...]}")
-    g.add_argument("--palette", help="JSON colour table for RGB masks: [[r,g,b], ...] or {\"colors\": ...}")
-    g.add_argument("--void", type=int, help="mask value to store as 255 (ignored by losses/metrics)")
-    g.add_argument("--mask-threshold", type=int, help="binarise masks: value > T -> 1 (e.g. 127 for JPEG masks)")
+    g.add_argument("--classes", metavar="FILE", help="JSON class names: a list or {\"classes\": [...]}")
+    g.add_argument("--palette", metavar="FILE",
+                   help="JSON colour table for RGB masks: [[r,g,b], ...] or {\"colors\": ...}")
+    g.add_argument("--void", metavar="V", type=int, help="mask value to store as 255 (ignored by losses/metrics)")
+    g.add_argument("--mask-threshold", metavar="T", type=int,
+                   help="binarise masks: value > T -> 1 (e.g. 127 for JPEG masks)")
     g.add_argument("--unknown-values", choices=("error", "ignore", "skip"), default="error",
                    help="mask values outside the classes: stop (default), store as 255, or skip the sample")
     g = b.add_argument_group("images")
     g.add_argument("--channels", type=int, choices=(1, 3), default=3, help="3 = RGB (default), 1 = gray")
-    g.add_argument("--max-side", type=int, default=0, help="downscale so the longer side is <= N pixels")
+    g.add_argument("--max-side", metavar="N", type=int, default=0, help="downscale so the longer side is <= N pixels")
     g.add_argument("--reencode", choices=("png", "jpeg"), default="png",
                    help="format for images that must change (default png, lossless)")
-    g.add_argument("--jpeg-quality", type=int, default=95, help="quality for --reencode jpeg (default 95)")
-    g.add_argument("--aspect-tolerance", type=float, default=0.02,
+    g.add_argument("--jpeg-quality", metavar="Q", type=int, default=95, help="quality for --reencode jpeg (default 95)")
+    g.add_argument("--aspect-tolerance", metavar="F", type=float, default=0.02,
                    help="masks within this aspect-ratio difference are resized to the image (default 0.02)")
     g = b.add_argument_group("output")
-    g.add_argument("--samples-per-shard", type=int, default=64, help="max samples per shard (default 64)")
-    g.add_argument("--shard-size-mb", type=float, help="also start a new shard past this size (MB)")
+    g.add_argument("--samples-per-shard", metavar="N", type=int, default=64, help="max samples per shard (default 64)")
+    g.add_argument("--shard-size-mb", metavar="MB", type=float, help="also start a new shard past this size (MB)")
     g.add_argument("--on-error", choices=("skip", "fail"), default="skip",
                    help="bad files: skip and list them (default) or stop at the first")
-    g.add_argument("--workers", type=int, default=0, help="processes (default: CPU count)")
+    g.add_argument("--workers", metavar="N", type=int, default=0, help="processes (default: CPU count)")
     g.add_argument("--force", action="store_true", help="replace --out even if it is not a shard folder")
     b.set_defaults(func=_cmd_build)
 
