@@ -52,6 +52,8 @@ class Timing:
     seconds: float
     epochs: int
     peak_rss_mb: float = 0.0
+    other_cpus: float = 0.0
+    """Mean CPUs busy outside this process tree meanwhile: other jobs that skew the figure."""
 
     @property
     def img_s(self) -> float:
@@ -102,6 +104,38 @@ class PeakRss:
         return self.peak / MB
 
 
+def _busy_cpu_s() -> float:
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process, its exited (reaped) children and its live descendants."""
+    me = psutil.Process()
+    t = me.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in me.children(recursive=True):
+        try:
+            c = child.cpu_times()
+            total += c.user + c.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass  # exited between listing and reading: counted in children_* once reaped
+    return total
+
+
+class OtherCpu:
+    """Context manager: mean number of CPUs that *other* processes kept busy meanwhile (``.cpus``)."""
+
+    def __enter__(self) -> OtherCpu:
+        self._busy, self._own, self._t0 = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
+        self.cpus = 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        other = (_busy_cpu_s() - self._busy) - (_own_cpu_s() - self._own)
+        self.cpus = max(other, 0.0) / max(time.perf_counter() - self._t0, 1e-9)
+
+
 def time_epochs(make_epoch: Callable[[int], Iterable], count: Callable[[object], int],
                 min_seconds: float) -> Timing:
     """Iterate whole epochs (``make_epoch(e)``) until >= ``min_seconds`` are measured.
@@ -110,7 +144,7 @@ def time_epochs(make_epoch: Callable[[int], Iterable], count: Callable[[object],
     later epochs' start-up is part of the cost, as it is in training.
     """
     images, epochs, t0 = 0, 0, None
-    with PeakRss() as rss:
+    with PeakRss() as rss, OtherCpu() as other:
         while True:
             seen = 0
             for batch in make_epoch(epochs):
@@ -124,7 +158,8 @@ def time_epochs(make_epoch: Callable[[int], Iterable], count: Callable[[object],
             epochs += 1
             elapsed = time.perf_counter() - t0
             if elapsed >= min_seconds and images > 0:
-                return Timing(images, elapsed, epochs, rss.mb)
+                break
+    return Timing(images, elapsed, epochs, rss.mb, other.cpus)
 
 
 # ----------------------------------------------------------------------------- course loader
@@ -210,13 +245,13 @@ def decode_limit(urls: list[str], size: int, workers: int, min_seconds: float, r
     nproc = max(workers, 1)
     ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
     seconds = max(min_seconds, 0.5)
-    with PeakRss() as rss, ctx.Pool(nproc) as pool:
+    with PeakRss() as rss, OtherCpu() as other, ctx.Pool(nproc) as pool:
         pool.map(_warm, [(urls[w % len(urls)], size, reduced) for w in range(nproc)], chunksize=1)
         tasks = [(urls, w * len(urls) // nproc, size, reduced, seconds) for w in range(nproc)]
         results = pool.map(_decode_for, tasks, chunksize=1)
     images = sum(n for n, _ in results)
     rate = sum(n / t for n, t in results)
-    return Timing(images, images / rate, 0, rss.mb)
+    return Timing(images, images / rate, 0, rss.mb, other.cpus)
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -355,6 +390,8 @@ def run_data_bench(args: BenchArgs) -> dict:
         "epochs": {"course": course.epochs, "segdist": segdist.epochs},
         "peak_rss_mb": {"course": round(course.peak_rss_mb, 1), "segdist": round(segdist.peak_rss_mb, 1),
                         "decode": round(limit.peak_rss_mb, 1)},
+        "background_cpus": {"course": round(course.other_cpus, 2), "segdist": round(segdist.other_cpus, 2),
+                            "decode": round(limit.other_cpus, 2)},
         **rss,
         "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
         "load_avg_1m": {"before": round(load_before, 2), "after": round(load_after, 2)},
@@ -375,6 +412,9 @@ def format_table(r: dict) -> str:
                  f"fraction of decode limit {r['fraction_of_decode_limit']:.2f}")
     lines.append(f"augment on {r['device']}: {r['augment_ms_per_batch']:.1f} ms/batch "
                  f"(not in the loader's img/s: it runs on the accelerator)")
+    busy = max(r["background_cpus"].values())
+    if busy > 0.1:
+        lines.append(f"WARNING: other processes kept {busy:.2f} CPUs busy during a measurement; re-run on an idle machine")
     if "rss_1x_mb" in r:
         lines.append(f"stream peak RSS: {r['rss_1x_mb']:.1f} MB with {r['rss_shards_1x']} shards, "
                      f"{r['rss_10x_mb']:.1f} MB with {r['rss_shards_10x']} shards")
