@@ -19,7 +19,6 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from . import IGNORE_INDEX
 from .augment import DeviceAugment
 from .checkpoint import find_resume, load_state, read_meta, save_model, save_state, torn_states
 from .config import Config, save_config
@@ -140,6 +139,33 @@ def val_loader(cfg: Config, info: dict, accelerator, batch_size: int = 0, num_wo
                        reduced_decode=cfg.data.reduced_decode, device_decode=cfg.data.decode == "device")
 
 
+def all_finite(loss_sum, accelerator) -> bool:
+    """True when the loss is finite on every rank (a scalar all-reduce and a device sync)."""
+    bad = torch.tensor(float(not torch.isfinite(torch.as_tensor(loss_sum))), device=accelerator.device)
+    return accelerator.reduce(bad, reduction="sum").item() == 0
+
+
+def evaluate_and_save(model, cfg: Config, info: dict, accelerator, aug, loss_fn, loop: dict, log: RunLog,
+                      meta: dict) -> dict:
+    """Exact val metrics; ``last/`` and (when IoU improves) ``best/`` model folders; overlay grid."""
+    binary = meta["binary"]
+    num_classes = 2 if binary else meta["num_classes"]
+    sync_buffers(model, accelerator)
+    metrics, shown = evaluate(model, val_loader(cfg, info, accelerator), accelerator, aug, loss_fn, num_classes,
+                              binary, info["class_names"], overlays=cfg.train.overlays)
+    if accelerator.is_main_process:
+        run_dir = Path(cfg.train.out_dir) / cfg.train.name
+        save_model(model, run_dir / "last", meta)
+        if metrics["iou"] > loop["best_iou"]:
+            loop["best_iou"] = metrics["iou"]
+            save_model(model, run_dir / "best", meta)
+        if shown["images"]:
+            images = [np.ascontiguousarray(im) for im in shown["images"]]
+            log.log_overlays(overlay_grid(images, shown["gts"], shown["preds"], num_classes), images, shown["gts"],
+                             shown["preds"], info["class_names"], loop["step"], loop["epoch"])
+    return metrics
+
+
 def summary_line(epoch: int, rec: dict) -> str:
     parts = [f"epoch {epoch}", f"train_loss {rec['train_loss']:.4f}"]
     parts += [f"{k} {rec[k]:.4f}" for k in ("val_loss", "val_iou", "val_dice") if k in rec]
@@ -152,12 +178,11 @@ def run(cfg: Config) -> dict:
     """Train ``cfg``; returns the last evaluation's metrics (main and other ranks alike)."""
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision, log_with=tracker_names(cfg) or None,
-                              project_dir=str(run_dir), step_scheduler_with_optimizer=False)
+                                   project_dir=str(run_dir), step_scheduler_with_optimizer=False)
     # Different augmentation per rank, reproducible per seed.
     set_seed(cfg.train.seed, device_specific=True)
     info = dataset_info(cfg.data.shards)
     out_ch = out_channels_for(cfg, info)
-    binary, num_classes = out_ch == 1, (2 if out_ch == 1 else out_ch)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -236,8 +261,7 @@ def run(cfg: Config) -> dict:
             if not last:
                 continue
             # Non-finite guard: every rank must agree (one scalar all-reduce), else DDP diverges.
-            bad = torch.tensor(float(not torch.isfinite(loss_total)), device=accelerator.device)
-            if accelerator.reduce(bad, reduction="sum").item() > 0:
+            if not all_finite(loss_total, accelerator):
                 optimizer.zero_grad(set_to_none=True)
                 loop["nonfinite"] += 1
                 nonfinite_run += 1
@@ -272,25 +296,14 @@ def run(cfg: Config) -> dict:
             loss_total, loss_n = 0.0, 0
         bar.close()
         elapsed = time.perf_counter() - t_epoch
-        rec = {"event": "epoch", "epoch": epoch + 1, "train_loss": float(epoch_loss[0] / epoch_loss[1].clamp_min(1)), "img_s": seen * world / elapsed,
-               "data_wait": t_wait / elapsed, **device_memory(accelerator)}
+        rec = {"event": "epoch", "epoch": epoch + 1, "train_loss": float(epoch_loss[0] / epoch_loss[1].clamp_min(1)),
+               "img_s": seen * world / elapsed, "data_wait": t_wait / elapsed, **device_memory(accelerator)}
         loop.update(epoch=epoch + 1, batch=0)
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             eval_model = ema.module if ema is not None else accelerator.unwrap_model(model)
-            sync_buffers(eval_model, accelerator)
-            metrics, shown = evaluate(eval_model, val_loader(cfg, info, accelerator), accelerator, eval_aug, loss_fn,
-                                      num_classes, binary, info["class_names"], overlays=cfg.train.overlays)
+            metrics = evaluate_and_save(eval_model, cfg, info, accelerator, eval_aug, loss_fn, loop, log, meta)
             rec.update(val_loss=metrics["loss"], val_iou=metrics["iou"], val_dice=metrics["dice"],
                        **{f"val_iou/{c['name']}": c["iou"] for c in metrics["per_class"] if c["iou"] is not None})
-            if accelerator.is_main_process:
-                save_model(eval_model, run_dir / "last", meta)
-                if metrics["iou"] > loop["best_iou"]:
-                    loop["best_iou"] = metrics["iou"]
-                    save_model(eval_model, run_dir / "best", meta)
-                images = [np.ascontiguousarray(im) for im in shown["images"]]
-                if images:
-                    log.log_overlays(overlay_grid(images, shown["gts"], shown["preds"], num_classes), images,
-                                     shown["gts"], shown["preds"], info["class_names"], loop["step"], epoch + 1)
         log.log(rec, loop["step"])
         accelerator.print(summary_line(epoch + 1, rec))
         save_state(accelerator, states_dir, loop["step"], state(), cfg.train.keep_last, extras)
