@@ -37,27 +37,26 @@ def create_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimize
     return OPTIMIZERS[cfg.name](param_groups(cfg, model), cfg)
 
 
-def _warmup_cosine(cfg: OptimConfig, total: int):
+def _warmup_then(decay: Callable[[float], float], cfg: OptimConfig, total: int):
+    """LR factor: linear warmup over ``warmup_steps``, then ``decay(t)`` for t in [0, 1]."""
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        return decay(min((step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps), 1.0))
     return f
 
 
-def _warmup_poly(cfg: OptimConfig, total: int, power: float = 0.9):
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-        return max(0.0, 1 - min(t, 1.0)) ** power
-    return f
+def _cosine(t: float) -> float:
+    return 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _poly(t: float, power: float = 0.9) -> float:
+    return (1 - t) ** power
 
 
 SCHEDULERS: dict[str, Callable] = {
-    "cosine": lambda opt, c, total: torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(c, total)),
-    "poly": lambda opt, c, total: torch.optim.lr_scheduler.LambdaLR(opt, _warmup_poly(c, total)),
+    "cosine": lambda opt, c, total: torch.optim.lr_scheduler.LambdaLR(opt, _warmup_then(_cosine, c, total)),
+    "poly": lambda opt, c, total: torch.optim.lr_scheduler.LambdaLR(opt, _warmup_then(_poly, c, total)),
     "constant": lambda opt, c, total: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
     "onecycle": lambda opt, c, total: torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(total, 1),

@@ -1,0 +1,56 @@
+"""Optimiser groups and LR schedules (stepped per optimiser step)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from segdist.config import load_config
+from segdist.models import create_model
+from segdist.optim import create_optimizer, create_scheduler
+
+
+@pytest.fixture(scope="module")
+def model():
+    return create_model(load_config(None, ["model.pretrained=none"]).model, 1)
+
+
+def lrs(cfg, model, steps):
+    opt = create_optimizer(cfg.optim, model)
+    sched = create_scheduler(cfg.optim, opt, steps)
+    out = []
+    for _ in range(steps):
+        out.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_encoder_and_decoder_groups(model):
+    cfg = load_config(None, ["optim.lr=0.01", "optim.encoder_lr=0.001"])
+    opt = create_optimizer(cfg.optim, model)
+    names = {g["name"]: g for g in opt.param_groups}
+    assert names["encoder"]["lr"] == 0.001 and names["decoder"]["lr"] == 0.01
+    n_params = sum(len(g["params"]) for g in opt.param_groups)
+    assert n_params == len([p for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("name", ["cosine", "poly"])
+def test_warmup_then_decay(model, name):
+    cfg = load_config(None, [f"optim.scheduler={name}", "optim.warmup_steps=4", "optim.lr=1.0"])
+    dec = [lr[-1] for lr in lrs(cfg, model, 20)]
+    assert dec[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert all(a >= b for a, b in zip(dec[3:], dec[4:]))
+    assert dec[-1] < 0.1
+
+
+def test_onecycle_peaks_at_lr(model):
+    cfg = load_config(None, ["optim.scheduler=onecycle", "optim.lr=0.5"])
+    dec = [lr[-1] for lr in lrs(cfg, model, 30)]
+    assert max(dec) == pytest.approx(0.5, rel=0.05) and dec[0] < 0.1 and dec[-1] < 0.01
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
+def test_optimizers_build(model, name):
+    opt = create_optimizer(load_config(None, [f"optim.name={name}"]).optim, model)
+    assert isinstance(opt, torch.optim.Optimizer)
