@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -139,6 +140,16 @@ def val_loader(cfg: Config, info: dict, accelerator, batch_size: int = 0, num_wo
                        reduced_decode=cfg.data.reduced_decode, device_decode=cfg.data.decode == "device")
 
 
+def start_fresh(run_dir: Path, accelerator) -> None:
+    """A new run in an old run folder: its states and metrics would mix with ours, so they go."""
+    old = [p for p in (run_dir / "states", run_dir / "metrics.jsonl", run_dir / "overlays") if p.exists()]
+    if old:
+        accelerator.print(f"starting fresh in {run_dir}: removing the previous run's "
+                          f"{', '.join(p.name for p in old)} (use train.resume=auto to continue it instead)")
+    for p in old:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def all_finite(loss_sum, accelerator) -> bool:
     """True when the loss is finite on every rank (a scalar all-reduce and a device sync)."""
     bad = torch.tensor(float(not torch.isfinite(torch.as_tensor(loss_sum))), device=accelerator.device)
@@ -215,6 +226,9 @@ def run(cfg: Config) -> dict:
     if resume is not None:
         loop = load_state(accelerator, resume, extras)
         accelerator.print(f"resumed from {resume}: epoch {loop['epoch']}, batch {loop['batch']}, step {loop['step']}")
+    elif accelerator.is_main_process:
+        start_fresh(run_dir, accelerator)
+    accelerator.wait_for_everyone()
     world, bs, acc_n = accelerator.num_processes, cfg.data.batch_size, cfg.optim.accumulate
     accelerator.print(f"{sum(info['train'][1])} train / {sum(info['val'][1])} val samples | world {world} x "
                       f"batch {bs} x accumulate {acc_n} = global batch {world * bs * acc_n} | "
