@@ -239,7 +239,8 @@ def _validate(cfg: Config) -> None:
     positive = {
         "data.image_size": cfg.data.image_size, "data.batch_size": cfg.data.batch_size,
         "train.epochs": cfg.train.epochs, "optim.accumulate": cfg.optim.accumulate,
-        "train.eval_every": cfg.train.eval_every,
+        "train.eval_every": cfg.train.eval_every, "train.log_every": cfg.train.log_every,
+        "data.shuffle_buffer": cfg.data.shuffle_buffer, "train.max_nonfinite": cfg.train.max_nonfinite,
     }
     for key, value in positive.items():
         if value < 1:
@@ -249,8 +250,13 @@ def _validate(cfg: Config) -> None:
             f"config key 'data.image_size' must be a multiple of 32 (the encoder downsamples 5 times); "
             f"got {cfg.data.image_size}"
         )
-    if cfg.data.num_workers < 0:
-        raise UserError(f"config key 'data.num_workers' must be >= 0; got {cfg.data.num_workers}")
+    non_negative = {"data.num_workers": cfg.data.num_workers, "data.val_batch_size": cfg.data.val_batch_size,
+                    "train.checkpoint_every": cfg.train.checkpoint_every, "train.keep_last": cfg.train.keep_last,
+                    "model.num_classes": cfg.model.num_classes, "train.overlays": cfg.train.overlays,
+                    "optim.warmup_steps": cfg.optim.warmup_steps}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise UserError(f"config key '{key}' must be >= 0; got {value}")
     lo, hi = (cfg.augment.crop_scale + [0, 0])[:2]
     if len(cfg.augment.crop_scale) != 2 or not 0 < lo <= hi <= 1:
         raise UserError(f"config key 'augment.crop_scale' must be [min, max] with 0 < min <= max <= 1; "

@@ -37,6 +37,14 @@ def list_images(inputs: str | Path) -> list[Path]:
     raise UserError(f"input '{path}' does not exist; pass an image file or a folder of images")
 
 
+def output_names(files: list[Path], inputs: Path) -> list[str]:
+    """``sub/x.png`` for ``inputs/sub/x.jpg``; ``x_jpg.png`` when ``x.jpg`` and ``x.png`` both exist."""
+    base = inputs if inputs.is_dir() else inputs.parent
+    rel = [f.relative_to(base) for f in files]
+    stems = [str(r.with_suffix("")) for r in rel]
+    return [f"{s}_{r.suffix[1:]}.png" if stems.count(s) > 1 else f"{s}.png" for s, r in zip(stems, rel)]
+
+
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,7 +71,7 @@ def predict_paths(ckpt: str | Path, inputs: str | Path, out: str | Path, device:
     files = list_images(inputs)
     out = Path(out)
     done, skipped = 0, []
-    for f in files:
+    for f, name in zip(files, output_names(files, Path(inputs))):
         bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
         if bgr is None:
             skipped.append(f.name)
@@ -72,9 +80,9 @@ def predict_paths(ckpt: str | Path, inputs: str | Path, out: str | Path, device:
         pred = predict_image(model, rgb, meta, dev)
         mask_png = pred * 255 if meta["binary"] else pred
         num = 2 if meta["binary"] else meta["num_classes"]
-        atomic_write_bytes(out / "masks" / f"{f.stem}.png", cv2.imencode(".png", mask_png)[1].tobytes())
+        atomic_write_bytes(out / "masks" / name, cv2.imencode(".png", mask_png)[1].tobytes())
         ov = cv2.cvtColor(overlay(rgb, pred, num), cv2.COLOR_RGB2BGR)
-        atomic_write_bytes(out / "overlays" / f"{f.stem}.png", cv2.imencode(".png", ov)[1].tobytes())
+        atomic_write_bytes(out / "overlays" / name, cv2.imencode(".png", ov)[1].tobytes())
         done += 1
     msg = f"predicted {done} image(s) into {out}/masks and {out}/overlays"
     if skipped:

@@ -29,8 +29,11 @@ class BCE(nn.Module):
 
 
 class CE(nn.Module):
+    """Cross-entropy over non-ignored pixels; 0 (not NaN) when a batch has none."""
+
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss / (target != IGNORE_INDEX).sum().clamp_min(1)
 
 
 class Dice(nn.Module):

@@ -60,7 +60,8 @@ SCHEDULERS: dict[str, Callable] = {
     "constant": lambda opt, c, total: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
     "onecycle": lambda opt, c, total: torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(total, 1),
-        pct_start=min(0.3, c.warmup_steps / total) if c.warmup_steps and total else 0.3),
+        # OneCycleLR divides by each phase's length: keep both phases at least 2 steps long.
+        pct_start=min(0.3, max(c.warmup_steps, 2) / total) if c.warmup_steps and total else 0.3),
 }
 
 

@@ -49,6 +49,12 @@ class RunLog:
         self.acc, self.dir, self.backend = accelerator, run_dir, backend
         self.path = run_dir / "metrics.jsonl"
 
+    def truncate_after(self, step: int) -> None:
+        """Keep only records up to ``step`` (a resumed run re-logs what came after its state)."""
+        if self.path.is_file():
+            keep = [x for x in self.path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
+            atomic_write_bytes(self.path, ("\n".join(keep) + "\n" if keep else "").encode())
+
     def log(self, record: dict, step: int) -> None:
         if not self.acc.is_main_process:
             return

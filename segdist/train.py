@@ -33,8 +33,8 @@ from .track import RunLog, init_trackers, overlay_grid, plot_curves, tracker_nam
 
 
 # ------------------------------------------------------------------------------ helpers
-def dataset_info(spec: str) -> dict:
-    """Task, classes and shard lists for train/val from the shard manifest."""
+def dataset_info(spec: str, splits: tuple[str, ...] = ("train", "val")) -> dict:
+    """Task, classes and shard lists for ``splits`` from the shard manifest."""
     from .shards import read_manifest
 
     if not spec:
@@ -42,7 +42,7 @@ def dataset_info(spec: str) -> dict:
                         "`segdist shards build` (e.g. data.shards=runs/shards)")
     m = read_manifest(spec)
     info = {"task": m["task"], "num_classes": m["num_classes"], "class_names": m["class_names"]}
-    for split in ("train", "val"):
+    for split in splits:
         info[split] = resolve_shards(spec, split)
     return info
 
@@ -60,10 +60,13 @@ def make_accelerator(**kw) -> Accelerator:
 
 
 def out_channels_for(cfg: Config, info: dict) -> int:
-    """1 for binary (sigmoid), K for K classes; model.num_classes overrides the manifest."""
-    if cfg.model.num_classes:
-        return cfg.model.num_classes
-    return 1 if info["task"] == "binary" else info["num_classes"]
+    """1 for binary (sigmoid), K for K classes; model.num_classes may restate it (1 or 2 for binary)."""
+    want = 1 if info["task"] == "binary" else info["num_classes"]
+    got = cfg.model.num_classes or want
+    if got != want and not (info["task"] == "binary" and got == 2):
+        raise UserError(f"config key 'model.num_classes' is {got} but the shards hold a {info['task']} task with "
+                        f"{info['num_classes']} classes; use model.num_classes=0 (take it from the manifest)")
+    return got
 
 
 def set_train_mode(model, freeze_bn: bool) -> None:
@@ -90,19 +93,19 @@ def evaluate(model, loader, accelerator, aug, loss_fn, num_classes: int, binary:
     """
     model.eval()
     counts = SegCounts(num_classes, binary, device=accelerator.device)
-    loss_sum = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum, n)
+    loss_sum = torch.zeros(2, device=accelerator.device)  # (sum, n); float32: MPS has no float64
     shown = {"images": [], "gts": [], "preds": []}
     for batch in loader:
         image, mask = to_device(batch, accelerator.device)
         x, y = aug(image, mask)
         with accelerator.autocast():
             logits = model(x)
-        loss_sum += torch.stack([loss_fn(logits.float(), y).double() * len(y), loss_sum.new_tensor(len(y))])
+        loss_sum += torch.stack([loss_fn(logits.float(), y) * len(y), loss_sum.new_tensor(len(y))])
         pred = logits_to_pred(logits)
         counts.update(pred, y)
         if accelerator.is_main_process and len(shown["images"]) < overlays:
             k = overlays - len(shown["images"])
-            shown["images"] += list(batch["image"][:k].permute(0, 2, 3, 1).numpy())
+            shown["images"] += list(image[:k].permute(0, 2, 3, 1).cpu().numpy())  # decoded (data.decode=device too)
             shown["gts"] += list(y[:k].cpu().numpy().astype(np.uint8))
             shown["preds"] += list(pred[:k].cpu().numpy().astype(np.uint8))
     counts.reduce(accelerator)  # the one collective of evaluation: integer counts only
@@ -140,6 +143,15 @@ def val_loader(cfg: Config, info: dict, accelerator, batch_size: int = 0, num_wo
                        reduced_decode=cfg.data.reduced_decode, device_decode=cfg.data.decode == "device")
 
 
+def check_plan(saved: dict, now: dict, path: Path) -> None:
+    diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if diff:
+        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
+        raise UserError(f"cannot resume from {path}: the data plan changed ({what}); resume with the same "
+                        f"processes, data.num_workers, data.batch_size, optim.accumulate and train.seed, "
+                        f"or start a new run (train.name=...)")
+
+
 def start_fresh(run_dir: Path, accelerator) -> None:
     """A new run in an old run folder: its states and metrics would mix with ours, so they go."""
     old = [p for p in (run_dir / "states", run_dir / "metrics.jsonl", run_dir / "overlays") if p.exists()]
@@ -167,8 +179,9 @@ def evaluate_and_save(model, cfg: Config, info: dict, accelerator, aug, loss_fn,
     if accelerator.is_main_process:
         run_dir = Path(cfg.train.out_dir) / cfg.train.name
         save_model(model, run_dir / "last", meta)
-        if metrics["iou"] > loop["best_iou"]:
-            loop["best_iou"] = metrics["iou"]
+        iou = metrics["iou"]
+        if (not math.isnan(iou) and iou > loop["best_iou"]) or not (run_dir / "best").exists():
+            loop["best_iou"] = iou if not math.isnan(iou) else loop["best_iou"]
             save_model(model, run_dir / "best", meta)
         if shown["images"]:
             images = [np.ascontiguousarray(im) for im in shown["images"]]
@@ -219,12 +232,18 @@ def run(cfg: Config) -> dict:
 
     # Resume: model/optimiser/scheduler/scaler/RNG from accelerate, loop position from loop.json.
     states_dir = run_dir / "states"
-    loop = {"epoch": 0, "batch": 0, "step": 0, "best_iou": -1.0, "nonfinite": 0}
+    # The sample plan depends on these; a resume must see the same ones to continue exactly.
+    plan = {"world_size": accelerator.num_processes, "num_workers": cfg.data.num_workers,
+            "batch_size": cfg.data.batch_size, "accumulate": cfg.optim.accumulate, "seed": cfg.train.seed}
+    loop = {"epoch": 0, "batch": 0, "step": 0, "best_iou": -1.0, "nonfinite": 0, "plan": plan}
     for torn in torn_states(states_dir):
         accelerator.print(f"ignoring torn state {torn} (left by a killed job)")
     resume = find_resume(cfg.train.resume, states_dir)
     if resume is not None:
+        check_plan(json.loads((resume / "loop.json").read_text()).get("plan", plan), plan, resume)
         loop = load_state(accelerator, resume, extras)
+        if accelerator.is_main_process:
+            log.truncate_after(loop["step"])  # drop what the killed run logged after this state
         accelerator.print(f"resumed from {resume}: epoch {loop['epoch']}, batch {loop['batch']}, step {loop['step']}")
     elif accelerator.is_main_process:
         start_fresh(run_dir, accelerator)
@@ -297,7 +316,7 @@ def run(cfg: Config) -> dict:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                ema.update_parameters(accelerator.unwrap_model(model))
+                ema.update_parameters(accelerator.unwrap_model(model, keep_torch_compile=False))
             loop["step"] += 1
             if loop["step"] % cfg.train.log_every == 0:
                 # .item() syncs with the device: only on logging steps.
@@ -314,7 +333,8 @@ def run(cfg: Config) -> dict:
                "img_s": seen * world / elapsed, "data_wait": t_wait / elapsed, **device_memory(accelerator)}
         loop.update(epoch=epoch + 1, batch=0)
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            eval_model = ema.module if ema is not None else accelerator.unwrap_model(model)
+            # keep_torch_compile=False: the default would rewire the compiled module to skip DDP.
+            eval_model = ema.module if ema is not None else accelerator.unwrap_model(model, keep_torch_compile=False)
             metrics = evaluate_and_save(eval_model, cfg, info, accelerator, eval_aug, loss_fn, loop, log, meta)
             rec.update(val_loss=metrics["loss"], val_iou=metrics["iou"], val_dice=metrics["dice"],
                        **{f"val_iou/{c['name']}": c["iou"] for c in metrics["per_class"] if c["iou"] is not None})
@@ -347,9 +367,7 @@ def evaluate_checkpoint(ckpt: str, shards: str, split: str = "val", batch_size: 
     cfg = config_from_dict(meta["config"])
     cfg.data.shards = shards
     accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
-    info = dataset_info(shards)
-    if split not in info:
-        info[split] = resolve_shards(shards, split)
+    info = dataset_info(shards, splits=(split,))
     info["val"] = info[split]
     model = load_model(ckpt).to(accelerator.device)
     out_ch = 1 if meta["binary"] else meta["num_classes"]

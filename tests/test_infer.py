@@ -59,3 +59,13 @@ def test_missing_input_and_bad_checkpoint_are_user_errors(ckpt, tmp_path):
     p = subprocess.run([sys.executable, "-m", "segdist.cli", "predict", str(tmp_path / "x"), str(tmp_path),
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "segdist: error:" in p.stderr
+
+
+def test_same_stem_in_subfolders_and_extensions_do_not_overwrite(ckpt, tmp_path):
+    src = tmp_path / "in"
+    for rel in ("a/x.jpg", "b/x.jpg", "x.jpg", "x.png"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(src / rel), np.zeros((40, 50, 3), np.uint8))
+    predict_paths(ckpt, src, tmp_path / "out", device="cpu")
+    got = sorted(str(p.relative_to(tmp_path / "out" / "masks")) for p in (tmp_path / "out" / "masks").rglob("*.png"))
+    assert got == ["a/x.png", "b/x.png", "x_jpg.png", "x_png.png"]

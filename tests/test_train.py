@@ -187,3 +187,25 @@ def test_resume_auto_skips_torn_states(tmp_path):
     assert find_resume("", states) is None
     with pytest.raises(UserError, match="not a complete state"):
         find_resume(str(states / "step-00000008"), states)
+
+
+def test_resume_with_a_different_plan_is_refused(tmp_path):
+    from segdist.train import check_plan
+
+    now = {"world_size": 2, "num_workers": 2, "batch_size": 8, "accumulate": 1, "seed": 0}
+    check_plan(dict(now), now, tmp_path)
+    with pytest.raises(UserError, match="world_size 1 -> 2"):
+        check_plan({**now, "world_size": 1}, now, tmp_path)
+
+
+def test_num_classes_that_contradicts_the_manifest_is_refused():
+    from segdist.config import load_config
+    from segdist.train import out_channels_for
+
+    binary = {"task": "binary", "num_classes": 2}
+    multi = {"task": "multiclass", "num_classes": 5}
+    assert out_channels_for(load_config(None, []), binary) == 1
+    assert out_channels_for(load_config(None, ["model.num_classes=2"]), binary) == 2
+    assert out_channels_for(load_config(None, []), multi) == 5
+    with pytest.raises(UserError, match="model.num_classes"):
+        out_channels_for(load_config(None, ["model.num_classes=3"]), multi)
