@@ -77,9 +77,10 @@ class PeakRss:
 
     Summed RSS counts pages that forked workers share with the parent once per process, so it
     overstates real use; it is the figure that grows if a loader holds data per shard or epoch.
+    One sample costs ~1 ms of this process's CPU (it walks /proc), hence the slow default rate.
     """
 
-    def __init__(self, interval: float = 0.05):
+    def __init__(self, interval: float = 0.25):
         self.interval, self.peak = interval, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -137,14 +138,14 @@ class OtherCpu:
 
 
 def time_epochs(make_epoch: Callable[[int], Iterable], count: Callable[[object], int],
-                min_seconds: float) -> Timing:
+                min_seconds: float, rss_interval: float = 0.25) -> Timing:
     """Iterate whole epochs (``make_epoch(e)``) until >= ``min_seconds`` are measured.
 
     The first batch of the first epoch starts the clock and is not counted (worker start-up);
     later epochs' start-up is part of the cost, as it is in training.
     """
     images, epochs, t0 = 0, 0, None
-    with PeakRss() as rss, OtherCpu() as other:
+    with PeakRss(rss_interval) as rss, OtherCpu() as other:
         while True:
             seen = 0
             for batch in make_epoch(epochs):
@@ -204,6 +205,8 @@ def course_loader(rows: list[tuple[str, str]], size: int, batch: int, workers: i
     import albumentations as A
 
     # is_check_shapes=False: 198 of the 290 masks are stored smaller than their image; Resize fixes both.
+    # Workers inherit cv2.setNumThreads(1) from segdist.stream's import; on 2 cores the course measured
+    # the same with OpenCV's default threads (~415-420 img/s either way), so this costs it nothing.
     augs = A.Compose([A.Resize(size, size), A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)],
                      is_check_shapes=False)
     return DataLoader(CourseDataset(rows, augs), batch_size=batch, shuffle=True, num_workers=workers)
@@ -310,6 +313,18 @@ def repeated(urls: list[str], sizes: list[int], times: int) -> tuple[list[str], 
 
 
 # ----------------------------------------------------------------------------- the run
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 @dataclass
 class BenchArgs:
     shards: str | None = None
@@ -343,12 +358,10 @@ def stream_epochs(urls: list[str], sizes: list[int], args: BenchArgs) -> Callabl
     return make_epoch
 
 
-def stream_rss(urls: list[str], sizes: list[int], args: BenchArgs) -> float:
-    """Peak tree RSS (MB) over one epoch of the stream."""
-    with PeakRss() as rss:
-        for _ in stream_epochs(urls, sizes, args)(0):
-            pass
-    return rss.mb
+def stream_rss(urls: list[str], sizes: list[int], args: BenchArgs, seconds: float = 3.0) -> float:
+    """Peak tree RSS (MB) of the stream over whole epochs lasting >= ``seconds``, sampled densely."""
+    timing = time_epochs(stream_epochs(urls, sizes, args), lambda b: len(b["key"]), seconds, rss_interval=0.02)
+    return timing.peak_rss_mb
 
 
 def run_data_bench(args: BenchArgs) -> dict:
@@ -357,6 +370,7 @@ def run_data_bench(args: BenchArgs) -> dict:
     csv_path = source_csv(args.source)
     rows = read_course_csv(csv_path, args.limit)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    baseline_mb = tree_rss() / MB  # this process before any loader: the floor under every peak below
     with tempfile.TemporaryDirectory(prefix="segdist-bench-") as tmp:
         shard_dir = args.shards or str(build_bench_shards(rows, Path(tmp) / "shards", args.max_side,
                                                           max(args.workers, 1)))
@@ -369,9 +383,10 @@ def run_data_bench(args: BenchArgs) -> dict:
         load_after = os.getloadavg()[0]
         rss = {}
         if args.rss:
-            rss = {"rss_shards_1x": len(urls), "rss_1x_mb": round(stream_rss(urls, sizes, args), 1),
+            rss_s = min(3.0, max(args.min_seconds, 0.5))
+            rss = {"rss_shards_1x": len(urls), "rss_1x_mb": round(stream_rss(urls, sizes, args, rss_s), 1),
                    "rss_shards_10x": 10 * len(urls),
-                   "rss_10x_mb": round(stream_rss(*repeated(urls, sizes, 10), args), 1)}
+                   "rss_10x_mb": round(stream_rss(*repeated(urls, sizes, 10), args, rss_s), 1)}
     augment_ms = augment_ms_per_batch(args.batch, args.size, device)
     return {
         "course_img_s": round(course.img_s, 1),
@@ -388,12 +403,13 @@ def run_data_bench(args: BenchArgs) -> dict:
         "measured_s": {"course": round(course.seconds, 2), "segdist": round(segdist.seconds, 2),
                        "decode": round(limit.seconds, 2)},
         "epochs": {"course": course.epochs, "segdist": segdist.epochs},
+        "baseline_rss_mb": round(baseline_mb, 1),
         "peak_rss_mb": {"course": round(course.peak_rss_mb, 1), "segdist": round(segdist.peak_rss_mb, 1),
                         "decode": round(limit.peak_rss_mb, 1)},
         "background_cpus": {"course": round(course.other_cpus, 2), "segdist": round(segdist.other_cpus, 2),
                             "decode": round(limit.other_cpus, 2)},
         **rss,
-        "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "cpu": cpu_model(),
         "load_avg_1m": {"before": round(load_before, 2), "after": round(load_after, 2)},
     }
 
@@ -414,7 +430,8 @@ def format_table(r: dict) -> str:
                  f"(not in the loader's img/s: it runs on the accelerator)")
     busy = max(r["background_cpus"].values())
     if busy > 0.1:
-        lines.append(f"WARNING: other processes kept {busy:.2f} CPUs busy during a measurement; re-run on an idle machine")
+        lines.append(f"WARNING: other processes kept {busy:.2f} CPUs busy during a measurement; "
+                     f"re-run on an idle machine")
     if "rss_1x_mb" in r:
         lines.append(f"stream peak RSS: {r['rss_1x_mb']:.1f} MB with {r['rss_shards_1x']} shards, "
                      f"{r['rss_10x_mb']:.1f} MB with {r['rss_shards_10x']} shards")
@@ -427,7 +444,8 @@ def add_cli(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     d = bsub.add_parser("data", help="course loader vs segdist stream vs decode limit, one run",
-                        description=__doc__.splitlines()[0])
+                        description="The course loader vs the segdist stream vs the decode limit, in one run "
+                                    "(see docs/benchmarks.md).")
     d.add_argument("--shards", help="shard folder to stream (default: build one from --source into a temp dir)")
     d.add_argument("--source", default=DEFAULT_SOURCE,
                    help=f"folder with train.csv (images,masks columns) or the CSV (default {DEFAULT_SOURCE})")

@@ -94,10 +94,8 @@ def _cmd_predict(args) -> int:
 
 # ----------------------------------------------------------------------------- bench
 def _bench_parser(sub) -> None:
-    try:
-        from .bench import add_cli
-    except ModuleNotFoundError:  # TEMP while segdist/bench.py is being written
-        return
+    from .bench import add_cli
+
     add_cli(sub)
 
 
@@ -116,6 +114,18 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def wandb_logged_in() -> bool:
+    """An API key in the environment or in ~/.netrc (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segdist", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("WANDB_MODE", "offline")
+    if not wandb_logged_in():
+        os.environ.setdefault("WANDB_MODE", "offline")  # no account needed; `wandb sync` uploads later
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -216,7 +216,9 @@ def decode_image(data: bytes, size: int, reduced: bool = True) -> np.ndarray:
     img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     if img is None:
         raise UserError("cannot decode an image in the shards; run `segdist shards verify`")
-    interp = cv2.INTER_AREA if img.shape[0] >= size and img.shape[1] >= size else cv2.INTER_LINEAR
+    # Area averaging only where aliasing would show (>= 2x down); below that bilinear is 3x cheaper
+    # and what the classic loader uses too.
+    interp = cv2.INTER_AREA if min(img.shape[:2]) >= 2 * size else cv2.INTER_LINEAR
     img = cv2.resize(img, (size, size), interpolation=interp)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 

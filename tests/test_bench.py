@@ -1,0 +1,84 @@
+"""`segdist bench data` smoke tests: it runs end to end, its numbers are consistent. No speed targets here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from segdist.bench import BenchArgs, PeakRss, read_course_csv, run_data_bench, time_epochs, tree_rss
+from segdist.cli import main
+from segdist.errors import UserError
+from tests.conftest import HUMAN_SEG, require_dataset
+
+KEYS = {"course_img_s", "segdist_img_s", "decode_img_s", "speedup_vs_course", "fraction_of_decode_limit",
+        "augment_ms_per_batch", "device", "size", "batch", "workers", "max_side", "samples_course",
+        "samples_segdist", "peak_rss_mb", "background_cpus", "rss_1x_mb", "rss_10x_mb"}
+
+
+def test_time_epochs_skips_the_first_batch_and_counts_whole_epochs():
+    epochs = []
+
+    def make_epoch(e):
+        epochs.append(e)
+        return [[0] * 4, [0] * 4, [0] * 3]
+
+    t = time_epochs(make_epoch, len, min_seconds=0)
+    assert (t.images, t.epochs, epochs) == (7, 1, [0])  # 4 + 3: the first batch only starts the clock
+    assert t.seconds > 0 and t.img_s == t.images / t.seconds
+
+
+def test_time_epochs_runs_another_epoch_when_only_the_warmup_batch_was_seen():
+    t = time_epochs(lambda e: [[0] * 5], len, min_seconds=0)
+    assert (t.images, t.epochs) == (5, 2)
+
+
+def test_time_epochs_rejects_an_empty_epoch():
+    with pytest.raises(UserError, match="no batch"):
+        time_epochs(lambda e: [], len, min_seconds=0)
+
+
+def test_peak_rss_is_at_least_the_memory_held_while_sampling():
+    before = tree_rss()
+    with PeakRss(interval=0.01) as rss:
+        block = bytearray(64 * 1024 * 1024)  # touched pages count in RSS
+        block[::4096] = b"\x01" * len(block[::4096])
+    assert rss.peak >= before + 60 * 1024 * 1024
+    del block
+
+
+def test_course_csv_needs_the_course_columns(tmp_path):
+    bad = tmp_path / "train.csv"
+    bad.write_text("image,label\na.jpg,b.png\n")
+    with pytest.raises(UserError, match="'images' and 'masks'"):
+        read_course_csv(bad)
+
+
+def test_missing_source_is_a_user_error(tmp_path, capsys):
+    assert main(["bench", "data", "--source", str(tmp_path / "nope"), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "--source" in err and "Traceback" not in err
+
+
+def test_bad_size_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="--size"):
+        run_data_bench(BenchArgs(source=str(tmp_path), size=4))
+
+
+@pytest.mark.slow
+def test_bench_data_json_on_a_subset(capsys):
+    """Course, stream and decode limit on 32 real samples at 64 px: positive, consistent numbers."""
+    source = require_dataset(HUMAN_SEG)
+    code = main(["bench", "data", "--source", str(source), "--limit", "32", "--size", "64", "--batch", "8",
+                 "--workers", "2", "--max-side", "128", "--min-seconds", "0", "--rss", "--json"])
+    assert code == 0
+    r = json.loads(capsys.readouterr().out)
+    assert KEYS <= set(r)
+    assert (r["size"], r["batch"], r["workers"], r["max_side"]) == (64, 8, 2, 128)
+    assert r["samples_course"] == r["samples_segdist"] == 32  # the same images for both loaders
+    for key in ("course_img_s", "segdist_img_s", "decode_img_s", "augment_ms_per_batch", "rss_1x_mb", "rss_10x_mb"):
+        assert r[key] > 0, key
+    assert r["speedup_vs_course"] == pytest.approx(r["segdist_img_s"] / r["course_img_s"], rel=0.01)
+    assert r["fraction_of_decode_limit"] == pytest.approx(r["segdist_img_s"] / r["decode_img_s"], rel=0.01)
+    assert r["rss_shards_10x"] == 10 * r["rss_shards_1x"]
+    assert r["device"] in ("cpu", "cuda")
