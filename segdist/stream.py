@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import glob
 import io
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -365,6 +364,3 @@ def make_loader(urls: list[str], sizes: list[int], *, batch_size: int, image_siz
                       prefetch_factor=4 if num_workers else None,
                       multiprocessing_context="fork" if num_workers and os.name == "posix" else None)
 
-
-def describe(urls: list[str], sizes: list[int]) -> str:
-    return json.dumps({"shards": len(urls), "samples": sum(sizes)})
