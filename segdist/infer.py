@@ -79,9 +79,8 @@ def predict_paths(ckpt: str | Path, inputs: str | Path, out: str | Path, device:
         rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         pred = predict_image(model, rgb, meta, dev)
         mask_png = pred * 255 if meta["binary"] else pred
-        num = 2 if meta["binary"] else meta["num_classes"]
         atomic_write_bytes(out / "masks" / name, cv2.imencode(".png", mask_png)[1].tobytes())
-        ov = cv2.cvtColor(overlay(rgb, pred, num), cv2.COLOR_RGB2BGR)
+        ov = cv2.cvtColor(overlay(rgb, pred, meta["num_classes"]), cv2.COLOR_RGB2BGR)
         atomic_write_bytes(out / "overlays" / name, cv2.imencode(".png", ov)[1].tobytes())
         done += 1
     msg = f"predicted {done} image(s) into {out}/masks and {out}/overlays"

@@ -164,15 +164,14 @@ def start_fresh(run_dir: Path, accelerator) -> None:
 
 def all_finite(loss_sum, accelerator) -> bool:
     """True when the loss is finite on every rank (a scalar all-reduce and a device sync)."""
-    bad = torch.tensor(float(not torch.isfinite(torch.as_tensor(loss_sum))), device=accelerator.device)
-    return accelerator.reduce(bad, reduction="sum").item() == 0
+    bad = (~torch.isfinite(torch.as_tensor(loss_sum, device=accelerator.device))).float()
+    return accelerator.reduce(bad, reduction="sum").item() == 0  # the only sync of the step
 
 
 def evaluate_and_save(model, cfg: Config, info: dict, accelerator, aug, loss_fn, loop: dict, log: RunLog,
                       meta: dict) -> dict:
     """Exact val metrics; ``last/`` and (when IoU improves) ``best/`` model folders; overlay grid."""
-    binary = meta["binary"]
-    num_classes = 2 if binary else meta["num_classes"]
+    binary, num_classes = meta["binary"], meta["num_classes"]  # binary tasks count 2 classes
     sync_buffers(model, accelerator)
     metrics, shown = evaluate(model, val_loader(cfg, info, accelerator), accelerator, aug, loss_fn, num_classes,
                               binary, info["class_names"], overlays=cfg.train.overlays)
@@ -374,7 +373,7 @@ def evaluate_checkpoint(ckpt: str, shards: str, split: str = "val", batch_size: 
     loss_fn = create_loss(cfg.loss, out_ch)
     metrics, _ = evaluate(model, val_loader(cfg, info, accelerator, batch_size, num_workers), accelerator,
                           DeviceAugment(cfg.augment, train=False), loss_fn,
-                          2 if meta["binary"] else meta["num_classes"], meta["binary"], meta["class_names"])
+                          meta["num_classes"], meta["binary"], meta["class_names"])
     if accelerator.is_main_process:
         if as_json:
             print(json.dumps({k: metrics[k] for k in ("iou", "dice", "micro_iou", "micro_dice", "per_class",
