@@ -6,7 +6,7 @@ Three measurements on the same machine, cores, images and output size (S x S, ba
   ``Dataset`` over the CSV (``images,masks`` columns) that reads files with ``cv2.imread``, runs
   albumentations ``Resize -> HorizontalFlip -> VerticalFlip`` and returns float tensors / 255
   (image (3, S, S) float32, mask (1, S, S) float32) into a shuffling ``DataLoader``.
-* **segdist** -- ``stream.make_loader(train=True)`` over the shards: uint8 batches
+* **segdist** -- one ``stream.Loader`` over the shards for all epochs, as training uses it: uint8 batches
   (B, 3, S, S) + (B, S, S). Augmentation runs on the accelerator in real use, so it is timed
   on its own (``augment_ms_per_batch``) and not charged to the loader's cores.
 * **decode limit** -- W processes that only read the same shard bytes and make the same decode
@@ -20,6 +20,7 @@ neither. Peak memory is the RSS summed over the loader process and its workers, 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import multiprocessing
@@ -39,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import UserError
-from .stream import decode_image, decode_mask, make_loader, read_samples, resolve_shards
+from .stream import Loader, ShardStream, decode_image, decode_mask, read_samples, resolve_shards
 
 DEFAULT_SOURCE = "../shared/datasets/human-segmentation"
 MB = 1024 * 1024
@@ -351,16 +352,19 @@ def _check(args: BenchArgs) -> None:
             raise UserError(message)
 
 
-def stream_epochs(urls: list[str], sizes: list[int], args: BenchArgs) -> Callable[[int], DataLoader]:
-    def make_epoch(epoch: int) -> DataLoader:
-        return make_loader(urls, sizes, batch_size=args.batch, image_size=args.size, train=True,
-                           num_workers=args.workers, pin_memory=torch.cuda.is_available(), epoch=epoch)
-    return make_epoch
+@contextlib.contextmanager
+def stream_epochs(urls: list[str], sizes: list[int], args: BenchArgs):
+    """``make_epoch(e)`` over one persistent :class:`Loader`, as ``segdist train`` streams."""
+    stream = ShardStream(urls, sizes, batch_size=args.batch, image_size=args.size, train=True,
+                         num_workers=args.workers)
+    with Loader(stream, pin_memory=torch.cuda.is_available()) as loader:
+        yield loader.epoch
 
 
 def stream_rss(urls: list[str], sizes: list[int], args: BenchArgs, seconds: float = 3.0) -> float:
     """Peak tree RSS (MB) of the stream over whole epochs lasting >= ``seconds``, sampled densely."""
-    timing = time_epochs(stream_epochs(urls, sizes, args), lambda b: len(b["key"]), seconds, rss_interval=0.02)
+    with stream_epochs(urls, sizes, args) as make_epoch:
+        timing = time_epochs(make_epoch, lambda b: len(b["key"]), seconds, rss_interval=0.02)
     return timing.peak_rss_mb
 
 
@@ -378,7 +382,8 @@ def run_data_bench(args: BenchArgs) -> dict:
         load_before = os.getloadavg()[0]
         course = time_epochs(lambda e: course_loader(rows, args.size, args.batch, args.workers),
                              lambda b: len(b[0]), args.min_seconds)
-        segdist = time_epochs(stream_epochs(urls, sizes, args), lambda b: len(b["key"]), args.min_seconds)
+        with stream_epochs(urls, sizes, args) as make_epoch:
+            segdist = time_epochs(make_epoch, lambda b: len(b["key"]), args.min_seconds)
         limit = decode_limit(urls, args.size, args.workers, args.min_seconds)
         load_after = os.getloadavg()[0]
         rss = {}

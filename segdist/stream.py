@@ -25,6 +25,7 @@ Batches are dicts: ``image`` uint8 (B, 3, S, S) (RGB; a channels-last view), ``m
 
 from __future__ import annotations
 
+import collections
 import glob
 import io
 import math
@@ -36,7 +37,6 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import UserError
 
@@ -198,8 +198,8 @@ def take(samples: Iterator[dict], n: int) -> Iterator[dict]:
         yield s
 
 
-def decode_image(data: bytes, size: int, reduced: bool = True) -> np.ndarray:
-    """JPEG/PNG bytes -> uint8 (size, size, 3) RGB.
+def decode_image(data: bytes, size: int, reduced: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+    """JPEG/PNG bytes -> uint8 (size, size, 3) RGB (written into ``out`` when given).
 
     With ``reduced``, libjpeg decodes JPEGs at 1/2, 1/4 or 1/8 scale when the result is still at
     least ``size`` on its short side: fewer pixels decoded, same area-resized output quality.
@@ -219,7 +219,12 @@ def decode_image(data: bytes, size: int, reduced: bool = True) -> np.ndarray:
     # and what the classic loader uses too.
     interp = cv2.INTER_AREA if min(img.shape[:2]) >= 2 * size else cv2.INTER_LINEAR
     img = cv2.resize(img, (size, size), interpolation=interp)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if out is None:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    r = cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=out)  # straight into a row of the batch buffer
+    if r.ctypes.data != out.ctypes.data:  # OpenCV allocated instead (``out`` not contiguous)
+        out[...] = r
+    return out
 
 
 def decode_mask(data: bytes, size: int) -> np.ndarray:
@@ -231,39 +236,46 @@ def decode_mask(data: bytes, size: int) -> np.ndarray:
 
 
 def batched(samples: Iterator[dict], batch_size: int, size: int, reduced: bool, partial: bool,
-            device_decode: bool = False) -> Iterator[dict]:
-    """Decode into preallocated (B, S, S, 3) buffers; yield channels-last uint8 tensors.
+            device_decode: bool = False, alloc=None) -> Iterator[tuple[np.ndarray, np.ndarray, list, list | None]]:
+    """Decode samples into batch buffers; yield ``(images, masks, keys, jpegs)`` per batch.
 
-    With ``device_decode``, JPEG images are not decoded here: their bytes travel in
-    ``batch["jpeg"]`` (None for rows decoded on the CPU, e.g. PNGs) and :func:`to_device`
-    decodes them on the accelerator (nvJPEG on CUDA).
+    ``alloc()`` returns the buffers to fill, uint8 (B, S, S, 3) and (B, S, S): fresh arrays by
+    default, or a slot of a worker's shared-memory ring (decoding writes straight into it).
+    A short last batch (``partial``) yields views of its first rows.
+
+    With ``device_decode``, JPEG images are not decoded here: their bytes travel in ``jpegs``
+    (None for rows decoded on the CPU, e.g. PNGs) and :func:`to_device` decodes them on the
+    accelerator (nvJPEG on CUDA); ``jpegs`` is None without it.
     """
-    def fresh():
-        return (np.zeros((batch_size, size, size, 3), np.uint8), np.empty((batch_size, size, size), np.uint8),
-                [], [])
-
-    images, masks, keys, jpegs = fresh()
+    alloc = alloc or (lambda: (np.zeros((batch_size, size, size, 3), np.uint8),
+                               np.empty((batch_size, size, size), np.uint8)))
+    images = masks = None
+    keys: list[str] = []
+    jpegs: list = []
     for s in samples:
+        if not keys:
+            images, masks = alloc()
         img_key = "image.jpg" if "image.jpg" in s else "image.png"
         i = len(keys)
         if device_decode and s[img_key][:2] == b"\xff\xd8":
             jpegs.append(s[img_key])
         else:
-            images[i] = decode_image(s[img_key], size, reduced)
+            decode_image(s[img_key], size, reduced, out=images[i])
             jpegs.append(None)
         masks[i] = decode_mask(s["mask.png"], size)
         keys.append(s["__key__"])
         if len(keys) == batch_size:
-            yield _to_batch(images, masks, keys, jpegs if device_decode else None)
-            images, masks, keys, jpegs = fresh()
+            yield images, masks, keys, jpegs if device_decode else None
+            keys, jpegs = [], []
     if keys and partial:
         n = len(keys)
-        yield _to_batch(images[:n], masks[:n], keys, jpegs if device_decode else None)
+        yield images[:n], masks[:n], keys, jpegs if device_decode else None
 
 
-def _to_batch(images: np.ndarray, masks: np.ndarray, keys: list[str], jpegs: list | None) -> dict:
+def _to_batch(images, masks, keys: list[str], jpegs: list | None) -> dict:
+    images, masks = torch.as_tensor(images), torch.as_tensor(masks)
     # (B, S, S, 3) permuted is exactly a channels_last (B, 3, S, S) tensor: no copy on the CPU.
-    batch = {"image": torch.from_numpy(images).permute(0, 3, 1, 2), "mask": torch.from_numpy(masks), "key": keys}
+    batch = {"image": images.permute(0, 3, 1, 2), "mask": masks, "key": keys}
     if jpegs is not None:
         batch["jpeg"] = jpegs
     return batch
@@ -292,20 +304,22 @@ def to_device(batch: dict, device: torch.device | str) -> tuple[torch.Tensor, to
     return image, mask
 
 
-# ------------------------------------------------------------------------- dataset / loader
-class ShardStream(IterableDataset):
-    """One rank's view of one epoch. Yields whole batches (use ``DataLoader(batch_size=None)``)."""
+# ------------------------------------------------------------------------- one rank's stream
+class ShardStream:
+    """What one rank streams, as pure functions of (epoch, slot): plans, batch counts, batches.
+
+    Holds no state and no handles, so worker processes get it whole (pickled under ``spawn``).
+    """
 
     def __init__(self, urls: list[str], sizes: list[int], *, batch_size: int, image_size: int,
-                 train: bool, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, start_batch: int = 0, shuffle_buffer: int = 128,
-                 reduced_decode: bool = True, device_decode: bool = False):
+                 train: bool, seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 shuffle_buffer: int = 128, reduced_decode: bool = True, device_decode: bool = False):
         if len(urls) != len(sizes):
             raise ValueError("urls and sizes differ in length")
         self.urls, self.sizes = list(urls), list(sizes)
         self.batch_size, self.image_size, self.train = batch_size, image_size, train
-        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
-        self.num_workers, self.start_batch = num_workers, start_batch
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_workers, self.workers = num_workers, max(num_workers, 1)
         self.shuffle_buffer, self.reduced_decode = shuffle_buffer, reduced_decode
         self.device_decode = device_decode
         if train and batches_per_epoch(sizes, batch_size, world_size) == 0:
@@ -314,53 +328,256 @@ class ShardStream(IterableDataset):
                 f"{world_size} process(es); lower data.batch_size or add data"
             )
 
-    def __len__(self) -> int:
-        """Batches this rank yields in this epoch (from ``start_batch`` on)."""
-        nwk = max(self.num_workers, 1)
-        plans = plan_epoch(self.sizes, batch_size=self.batch_size, world_size=self.world_size,
-                           workers=self.num_workers, seed=self.seed, epoch=self.epoch, train=self.train)
-        mine = plans[self.rank * nwk:(self.rank + 1) * nwk]
-        if self.train:
-            return sum(p.num_batches for p in mine) - self.start_batch
-        return sum(math.ceil(sum(u.size for u in p.units) / self.batch_size) for p in mine)
+    def plans(self, epoch: int) -> list[SlotPlan]:
+        """This rank's slot plans (one per worker)."""
+        nwk = self.workers
+        return plan_epoch(self.sizes, batch_size=self.batch_size, world_size=self.world_size,
+                          workers=self.num_workers, seed=self.seed, epoch=epoch,
+                          train=self.train)[self.rank * nwk:(self.rank + 1) * nwk]
 
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        nwk = max(self.num_workers, 1)
-        loader_worker = info.id if info is not None else 0
-        # Rotate so the DataLoader's round-robin (which always starts at worker 0) continues
-        # with the slot that was next when the position was saved.
-        w = (loader_worker + self.start_batch % nwk) % nwk
-        plan = plan_epoch(self.sizes, batch_size=self.batch_size, world_size=self.world_size,
-                          workers=self.num_workers, seed=self.seed, epoch=self.epoch,
-                          train=self.train)[self.rank * nwk + w]
+    def num_batches(self, epoch: int, start_batch: int = 0) -> int:
+        """Batches this rank yields in ``epoch`` from ``start_batch`` on."""
+        if self.train:
+            return sum(p.num_batches for p in self.plans(epoch)) - start_batch
+        return sum(math.ceil(sum(u.size for u in p.units) / self.batch_size) for p in self.plans(epoch))
+
+    def delivered(self, w: int, start_batch: int) -> int:
+        """Batches slot ``w`` had delivered when the rank had taken ``start_batch`` (round-robin)."""
+        return start_batch // self.workers + (w < start_batch % self.workers)
+
+    def slot_batches(self, epoch: int, w: int, skip: int = 0, alloc=None):
+        """Slot ``w``'s batches of ``epoch`` after its first ``skip``, as :func:`batched` yields them."""
+        plan = self.plans(epoch)[w]
         if not self.train:
             yield from batched(iter_units(self.urls, plan.units), self.batch_size, self.image_size,
-                               self.reduced_decode, partial=True, device_decode=self.device_decode)
+                               self.reduced_decode, partial=True, device_decode=self.device_decode, alloc=alloc)
             return
-        slot = self.rank * nwk + w
-        rng = np.random.default_rng([self.seed, self.epoch, slot])
-        done = self.start_batch // nwk + (w < self.start_batch % nwk)  # this slot's delivered batches
-        samples = shuffle(cycle_units(self.urls, plan.units, rng), self.shuffle_buffer, rng)
-        samples = take(samples, plan.num_batches * self.batch_size)
-        for _ in range(done * self.batch_size):  # skip without decoding
+        rng = np.random.default_rng([self.seed, epoch, self.rank * self.workers + w])
+        # take, then shuffle: the buffer would otherwise read (not decode) up to shuffle_buffer
+        # samples past the epoch's end, which nearly doubled tar reading per epoch here.
+        samples = take(cycle_units(self.urls, plan.units, rng), plan.num_batches * self.batch_size)
+        samples = shuffle(samples, self.shuffle_buffer, rng)
+        for _ in range(skip * self.batch_size):  # skip without decoding
             next(samples, None)
         yield from batched(samples, self.batch_size, self.image_size, self.reduced_decode, partial=False,
-                           device_decode=self.device_decode)
+                           device_decode=self.device_decode, alloc=alloc)
 
 
-def make_loader(urls: list[str], sizes: list[int], *, batch_size: int, image_size: int,
-                train: bool, num_workers: int = 0, pin_memory: bool | None = None,
-                **stream_kw) -> DataLoader:
-    """A DataLoader over :class:`ShardStream` (batching happens inside the workers)."""
-    ds = ShardStream(urls, sizes, batch_size=batch_size, image_size=image_size, train=train,
-                     num_workers=num_workers, **stream_kw)
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
-    # Own generator: the DataLoader draws its workers' base seed from it, not from the global
-    # torch RNG, so creating a loader never shifts augmentation randomness (resume stays exact).
-    return DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(stream_kw.get("seed", 0)),
-                      prefetch_factor=4 if num_workers else None,
-                      multiprocessing_context="fork" if num_workers and os.name == "posix" else None)
+# ------------------------------------------------------------------------- loader
+class _Stop(Exception):
+    pass
 
+
+def _worker_loop(stream: ShardStream, w: int, start_epoch: int, end_epoch: int | None, start_batch: int,
+                 images: torch.Tensor, masks: torch.Tensor, free, filled, stop, parent: int) -> None:
+    """One worker process: slot ``w``'s batches for every epoch, decoded into its shared ring.
+
+    Protocol (per worker, in order): wait for a free ring slot (semaphore ``free``), decode a
+    batch into it, then put ``("batch", epoch, n, keys, jpegs)`` on ``filled``; after each
+    epoch ``("end", epoch, ...)``. Ring slots are used round-robin on both sides, so messages
+    carry no slot numbers. Only a few hundred bytes cross the pipe per batch.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
+    torch.set_num_threads(1)
+    ring_images, ring_masks = images[w].numpy(), masks[w].numpy()
+    ring, taken = ring_images.shape[0], 0
+
+    def alloc():
+        nonlocal taken
+        while not free.acquire(timeout=1.0):
+            if stop.is_set() or os.getppid() != parent:  # closed, or the training process died
+                raise _Stop
+        slot = taken % ring
+        taken += 1
+        return ring_images[slot], ring_masks[slot]
+
+    epoch = start_epoch
+    try:
+        while end_epoch is None or epoch < end_epoch:
+            skip = stream.delivered(w, start_batch) if epoch == start_epoch else 0
+            for _, _, keys, jpegs in stream.slot_batches(epoch, w, skip, alloc):
+                filled.put(("batch", epoch, len(keys), keys, jpegs))
+            filled.put(("end", epoch, 0, None, None))
+            epoch += 1
+    except _Stop:
+        filled.cancel_join_thread()  # nobody reads any more: exit without flushing
+    except UserError as e:
+        filled.put(("error", epoch, 0, str(e), True))
+    except BaseException:  # noqa: BLE001 -- reported to, and raised in, the training process
+        import traceback
+
+        filled.put(("error", epoch, 0, traceback.format_exc(), False))
+
+
+def _shutdown(procs: list, stop) -> None:
+    stop.set()
+    for p in procs:
+        p.join(timeout=5)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=5)
+
+
+class Loader:
+    """One rank's batches over consecutive epochs; the worker processes live across all of them.
+
+    Workers decode straight into a ring of ``prefetch`` batch slots each, in shared memory,
+    and run into the next epoch while the training process finishes the current one, so no
+    batch is pickled and no process is forked per epoch. The training process copies each
+    batch out of its slot (into pinned memory on CUDA) and frees the slot; a batch it holds
+    stays valid. Batches come round-robin from the workers, as from a DataLoader.
+
+    With ``num_workers=0`` batches are decoded in the calling process. ``end_epoch=None``
+    keeps producing epochs until :meth:`close`.
+    """
+
+    def __init__(self, stream: ShardStream, *, start_epoch: int = 0, end_epoch: int | None = None,
+                 start_batch: int = 0, pin_memory: bool | None = None, prefetch: int = 4):
+        self.stream, self.start_epoch, self.end_epoch, self.start_batch = stream, start_epoch, end_epoch, start_batch
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.prefetch = max(prefetch, 1)
+        self._next_epoch = start_epoch
+        self._procs: list = []
+        self._finalizer = None
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def epoch(self, epoch: int) -> EpochBatches:
+        """The batches of ``epoch`` (iterate once; epochs in increasing order)."""
+        if epoch < self._next_epoch or (self.end_epoch is not None and epoch >= self.end_epoch):
+            raise ValueError(f"epoch {epoch} is not ahead in this loader (next {self._next_epoch}, "
+                             f"end {self.end_epoch})")
+        self._next_epoch = epoch + 1
+        start = self.start_batch if epoch == self.start_epoch else 0
+        return EpochBatches(self, epoch, start, self.stream.num_batches(epoch, start))
+
+    # -- internals
+    def _start(self) -> None:
+        import weakref
+
+        s = self.stream
+        nwk, b, px = s.workers, s.batch_size, s.image_size
+        method = "fork" if os.name == "posix" else "spawn"  # fork: no re-import, shares torch's pages
+        ctx = torch.multiprocessing.get_context(method)
+        self._images = torch.empty((nwk, self.prefetch, b, px, px, 3), dtype=torch.uint8).share_memory_()
+        self._masks = torch.empty((nwk, self.prefetch, b, px, px), dtype=torch.uint8).share_memory_()
+        self._ring_images, self._ring_masks = self._images.numpy(), self._masks.numpy()
+        self._free = [ctx.Semaphore(self.prefetch) for _ in range(nwk)]
+        self._filled = [ctx.Queue() for _ in range(nwk)]
+        self._stop = ctx.Event()
+        self._taken = [0] * nwk
+        for w in range(nwk):
+            p = ctx.Process(target=_worker_loop, daemon=True,
+                            args=(s, w, self.start_epoch, self.end_epoch, self.start_batch, self._images,
+                                  self._masks, self._free[w], self._filled[w], self._stop, os.getpid()))
+            p.start()
+            self._procs.append(p)
+        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._stop)
+
+    def _receive(self, w: int, epoch: int) -> dict | None:
+        """Worker ``w``'s next batch of ``epoch`` (None at its end); earlier epochs' leftovers dropped."""
+        import queue
+
+        while True:
+            try:
+                kind, e, n, keys, extra = self._filled[w].get(timeout=2.0)
+            except queue.Empty:
+                p = self._procs[w]
+                if not p.is_alive():
+                    hint = " (killed: out of memory? lower data.num_workers or data.batch_size)" \
+                        if p.exitcode == -9 else ""
+                    raise UserError(f"data loader worker {w} died with exit code {p.exitcode}{hint}") from None
+                continue
+            if kind == "error":
+                if extra:
+                    raise UserError(keys)
+                raise RuntimeError(f"data loader worker {w} failed:\n{keys}")
+            if kind == "end":
+                if e == epoch:
+                    return None
+                continue
+            slot = self._taken[w] % self.prefetch
+            self._taken[w] += 1
+            if e < epoch:  # a batch of an epoch the caller left early
+                self._free[w].release()
+                continue
+            image = torch.empty((n, *self._images.shape[3:]), dtype=torch.uint8, pin_memory=self.pin_memory)
+            mask = torch.empty((n, *self._masks.shape[3:]), dtype=torch.uint8, pin_memory=self.pin_memory)
+            # numpy's copy, not torch's: torch parallelises it over OpenMP threads whose spin-waits
+            # took ~0.6 of a core from the decoders here (measured, 2 cores).
+            np.copyto(image.numpy(), self._ring_images[w, slot, :n])
+            np.copyto(mask.numpy(), self._ring_masks[w, slot, :n])
+            self._free[w].release()
+            return _to_batch(image, mask, keys, extra)
+
+    def _iter(self, epoch: int, start: int) -> Iterator[dict]:
+        s = self.stream
+        if s.num_workers == 0:
+            for images, masks, keys, jpegs in s.slot_batches(epoch, 0, start):
+                batch = _to_batch(images, masks, keys, jpegs)
+                if self.pin_memory:
+                    batch["image"], batch["mask"] = batch["image"].pin_memory(), batch["mask"].pin_memory()
+                yield batch
+            return
+        if not self._procs:
+            self._start()
+        # Round-robin over the workers, starting with the one whose batch was next at
+        # ``start``; a worker that ends its epoch drops out (val: slots differ in length).
+        order = collections.deque((start + k) % s.workers for k in range(s.workers))
+        while order:
+            w = order.popleft()
+            batch = self._receive(w, epoch)
+            if batch is not None:
+                order.append(w)
+                yield batch
+
+
+class EpochBatches:
+    """One epoch of a :class:`Loader`: ``len()`` batches, iterated once."""
+
+    def __init__(self, loader: Loader, epoch: int, start: int, length: int):
+        self.loader, self.epoch_index, self.start, self.length = loader, epoch, start, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.loader._iter(self.epoch_index, self.start)
+
+
+class OneEpoch:
+    """A single epoch with its own short-lived :class:`Loader` (validation, eval, tests)."""
+
+    def __init__(self, stream: ShardStream, epoch: int, start_batch: int, **loader_kw):
+        self.stream, self.epoch, self.start_batch, self.loader_kw = stream, epoch, start_batch, loader_kw
+
+    def __len__(self) -> int:
+        return self.stream.num_batches(self.epoch, self.start_batch)
+
+    def __iter__(self) -> Iterator[dict]:
+        with Loader(self.stream, start_epoch=self.epoch, end_epoch=self.epoch + 1, start_batch=self.start_batch,
+                    **self.loader_kw) as loader:
+            yield from loader.epoch(self.epoch)
+
+
+def make_loader(urls: list[str], sizes: list[int], *, batch_size: int, image_size: int, train: bool,
+                num_workers: int = 0, pin_memory: bool | None = None, epoch: int = 0, start_batch: int = 0,
+                **stream_kw) -> OneEpoch:
+    """One epoch of one rank's batches (``len()`` known up front); workers live for the epoch.
+
+    Training over many epochs uses :class:`Loader` directly so its workers persist.
+    """
+    stream = ShardStream(urls, sizes, batch_size=batch_size, image_size=image_size, train=train,
+                         num_workers=num_workers, **stream_kw)
+    return OneEpoch(stream, epoch, start_batch, pin_memory=pin_memory)

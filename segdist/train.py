@@ -28,7 +28,7 @@ from .losses import create_loss
 from .metrics import SegCounts, logits_to_pred
 from .models import create_model, load_model
 from .optim import create_optimizer, create_scheduler
-from .stream import batches_per_epoch, make_loader, resolve_shards, to_device
+from .stream import Loader, ShardStream, batches_per_epoch, make_loader, resolve_shards, to_device
 from .track import RunLog, init_trackers, overlay_grid, plot_curves, tracker_names
 
 
@@ -256,19 +256,22 @@ def run(cfg: Config) -> dict:
     metrics: dict = {}
     nonfinite_run = 0
 
+    train_stream = ShardStream(*info["train"], batch_size=bs, image_size=cfg.data.image_size, train=True,
+                               num_workers=cfg.data.num_workers, seed=cfg.train.seed, rank=accelerator.process_index,
+                               world_size=world, shuffle_buffer=cfg.data.shuffle_buffer,
+                               reduced_decode=cfg.data.reduced_decode, device_decode=cfg.data.decode == "device")
+    # One loader for the whole run: its workers decode on into the next epoch while this one ends.
+    loader = Loader(train_stream, start_epoch=loop["epoch"], end_epoch=cfg.train.epochs, start_batch=loop["batch"])
+
     for epoch in range(loop["epoch"], cfg.train.epochs):
-        loader = make_loader(*info["train"], batch_size=bs, image_size=cfg.data.image_size, train=True,
-                             num_workers=cfg.data.num_workers, seed=cfg.train.seed, epoch=epoch,
-                             rank=accelerator.process_index, world_size=world, start_batch=loop["batch"],
-                             shuffle_buffer=cfg.data.shuffle_buffer, reduced_decode=cfg.data.reduced_decode,
-                             device_decode=cfg.data.decode == "device")
-        n_batches = loop["batch"] + len(loader)
+        batches = loader.epoch(epoch)
+        n_batches = loop["batch"] + len(batches)
         set_train_mode(model, cfg.model.freeze_bn)
         t_epoch, t_wait, seen, loss_total, loss_n = time.perf_counter(), 0.0, 0, 0.0, 0
         epoch_loss = torch.zeros(2, device=accelerator.device)  # (sum of batch losses, batches)
         bar = tqdm(total=n_batches, initial=loop["batch"], desc=f"epoch {epoch}",
                    disable=not accelerator.is_local_main_process, leave=False)
-        it = iter(loader)
+        it = iter(batches)
         for i in range(loop["batch"], n_batches):
             t0 = time.perf_counter()
             batch = next(it)
@@ -303,6 +306,7 @@ def run(cfg: Config) -> dict:
                     path = save_state(accelerator, states_dir, loop["step"], {**state(), "epoch": epoch, "batch": i + 1},
                                       cfg.train.keep_last, extras)
                     accelerator.end_training()
+                    loader.close()
                     raise UserError(f"loss was non-finite for {nonfinite_run} consecutive steps "
                                     f"({loop['nonfinite']} in all); stopped with the last good weights saved in "
                                     f"{path}. Lower optim.lr, set optim.grad_clip, or use train.mixed_precision=bf16")
@@ -343,6 +347,7 @@ def run(cfg: Config) -> dict:
         if accelerator.is_main_process:
             plot_curves(log.path, run_dir / "curves.png")
 
+    loader.close()
     accelerator.end_training()
     if metrics:
         accelerator.print(f"final val IoU {metrics['iou']:.4f}  Dice {metrics['dice']:.4f}  "

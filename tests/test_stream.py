@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from segdist.stream import (ShardStream, batches_per_epoch, make_loader, plan_epoch, resolve_shards,
+from segdist.errors import UserError
+from segdist.stream import (Loader, ShardStream, batches_per_epoch, make_loader, plan_epoch, resolve_shards,
                             shuffle)
 from tests.shardutil import sample_bytes, write_shards
 
@@ -129,8 +130,6 @@ def test_shuffle_buffer_is_a_permutation():
 
 
 def test_too_small_for_batch_is_a_user_error(shards):
-    from segdist.errors import UserError
-
     with pytest.raises(UserError, match="batch_size"):
         ShardStream(["x"], [3], batch_size=4, image_size=32, train=True)
 
@@ -155,3 +154,99 @@ def test_device_jpeg_decode_matches_cpu_decode(tmp_path, device):
         assert torch.equal(ma, mb)
         # different decoders and resamplers: close, not equal
         assert (ia.float() - ib.float()).abs().mean() < 4.0
+
+
+# ------------------------------------------------------------------ the persistent loader
+def train_stream(shards, workers, batch_size=2, **kw):
+    urls, sizes = resolve_shards(str(shards), "train")
+    return ShardStream(urls, sizes, batch_size=batch_size, image_size=32, train=True, num_workers=workers,
+                       seed=4, **kw)
+
+
+def batches_by_epoch(loader, epochs):
+    return [[(b["key"], b["image"], b["mask"]) for b in loader.epoch(e)] for e in epochs]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_persistent_loader_equals_one_loader_per_epoch(shards, workers):
+    """Workers that run on across epochs (and hold a 2-slot ring) deliver what per-epoch loaders do."""
+    with Loader(train_stream(shards, workers), end_epoch=3, pin_memory=False, prefetch=2) as loader:
+        got = batches_by_epoch(loader, range(3))
+    urls, sizes = resolve_shards(str(shards), "train")
+    for e in range(3):
+        want = list(make_loader(urls, sizes, batch_size=2, image_size=32, train=True, num_workers=workers,
+                                seed=4, epoch=e, pin_memory=False))
+        assert [k for k, _, _ in got[e]] == [b["key"] for b in want]
+        # batches held while later ones were decoded into the same ring slots are intact
+        assert all(torch.equal(i, b["image"]) and torch.equal(m, b["mask"]) for (_, i, m), b in zip(got[e], want))
+
+
+def test_worker_process_batches_equal_in_process_batches(shards):
+    """The shared-memory ring path and the in-process path decode the same pixels for every key."""
+    urls, sizes = resolve_shards(str(shards), "val")
+    rows = {}
+    for workers in (0, 2):
+        stream = ShardStream(urls, sizes, batch_size=3, image_size=32, train=False, num_workers=workers)
+        with Loader(stream, end_epoch=1, pin_memory=False) as loader:
+            rows[workers] = {k: (i, m) for b in loader.epoch(0) for k, i, m in zip(b["key"], b["image"], b["mask"])}
+    assert rows[0].keys() == rows[2].keys() and len(rows[0]) == sum(UNEVEN)
+    assert all(torch.equal(rows[0][k][0], rows[2][k][0]) and torch.equal(rows[0][k][1], rows[2][k][1]) for k in rows[0])
+
+
+def test_resumed_persistent_loader_continues_mid_epoch(shards):
+    with Loader(train_stream(shards, 2, batch_size=1), end_epoch=2, pin_memory=False) as loader:
+        full = [[b["key"] for b in loader.epoch(e)] for e in range(2)]
+    with Loader(train_stream(shards, 2, batch_size=1), start_epoch=0, start_batch=3, end_epoch=2,
+                pin_memory=False) as loader:
+        first = loader.epoch(0)
+        assert len(first) == len(full[0]) - 3
+        rest = [[b["key"] for b in first], [b["key"] for b in loader.epoch(1)]]
+    assert rest == [full[0][3:], full[1]]
+
+
+def test_leaving_an_epoch_early_still_gives_the_next_epoch_whole(shards):
+    with Loader(train_stream(shards, 2), end_epoch=2, pin_memory=False, prefetch=1) as loader:
+        want = [b["key"] for b in Loader(train_stream(shards, 2), start_epoch=1, end_epoch=2,
+                                         pin_memory=False).epoch(1)]
+        it = iter(loader.epoch(0))
+        next(it)
+        assert [b["key"] for b in loader.epoch(1)] == want
+        with pytest.raises(ValueError, match="not ahead"):
+            loader.epoch(0)
+
+
+def test_close_stops_the_workers(shards):
+    loader = Loader(train_stream(shards, 2), pin_memory=False)  # unbounded epochs
+    next(iter(loader.epoch(0)))
+    procs = list(loader._procs)
+    assert len(procs) == 2 and all(p.is_alive() for p in procs)
+    loader.close()
+    assert not any(p.is_alive() for p in procs)
+
+
+def test_a_killed_worker_is_an_error_not_a_hang(shards):
+    import os
+    import signal
+
+    loader = Loader(train_stream(shards, 2, batch_size=1), pin_memory=False, prefetch=1)
+    it = iter(loader.epoch(0))
+    next(it)
+    os.kill(loader._procs[1].pid, signal.SIGKILL)
+    with pytest.raises(UserError, match="worker 1 died.*-9"):
+        for _ in range(100):  # its already-decoded batch may still arrive first
+            next(it)
+    loader.close()
+
+
+def test_a_corrupt_image_in_a_worker_is_a_user_error(tmp_path):
+    import webdataset as wds
+
+    out = write_shards(tmp_path / "s", {"train": [4]}, size=32)
+    with wds.TarWriter(str(out / "train-000000.tar")) as w:  # same count, one image is garbage
+        for i in range(4):
+            img, mask = sample_bytes(i, 32)
+            w.write({"__key__": f"k{i}", "image.png": img if i != 2 else b"not an image", "mask.png": mask})
+    urls, sizes = resolve_shards(str(out), "train")
+    stream = ShardStream(urls, sizes, batch_size=2, image_size=32, train=True, num_workers=2)
+    with Loader(stream, end_epoch=1, pin_memory=False) as loader, pytest.raises(UserError, match="shards verify"):
+        list(loader.epoch(0))
