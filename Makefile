@@ -28,7 +28,7 @@ test-fast: $(STAMP)
 	WANDB_MODE=offline $(BIN)/python -m pytest -q -m "not slow and not distributed"
 
 bench: $(STAMP)
-	$(BIN)/segdist bench data --json
+	$(BIN)/segdist bench data --max-side 480 --rss
 
 clean:
 	rm -rf runs .pytest_cache

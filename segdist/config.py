@@ -33,6 +33,9 @@ class DataConfig:
     val_batch_size: int = 0
     """0 means: same as batch_size."""
     num_workers: int = 2
+    """Decode processes per device; they live for the whole run (0 = decode in the training process)."""
+    prefetch: int = 4
+    """Batches each worker may hold ready, in shared memory (/dev/shm): workers x prefetch x batch size."""
     shuffle_buffer: int = 128
     """Samples held in the in-worker shuffle buffer (encoded bytes, cheap)."""
     reduced_decode: bool = True
@@ -242,6 +245,7 @@ def _validate(cfg: Config) -> None:
         "train.eval_every": cfg.train.eval_every, "train.log_every": cfg.train.log_every,
         "data.shuffle_buffer": cfg.data.shuffle_buffer, "train.max_nonfinite": cfg.train.max_nonfinite,
     }
+    positive["data.prefetch"] = cfg.data.prefetch
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"config key '{key}' must be >= 1; got {value}")

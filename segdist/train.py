@@ -140,7 +140,8 @@ def val_loader(cfg: Config, info: dict, accelerator, batch_size: int = 0, num_wo
                        image_size=cfg.data.image_size, train=False,
                        num_workers=cfg.data.num_workers if num_workers < 0 else num_workers,
                        rank=accelerator.process_index, world_size=accelerator.num_processes,
-                       reduced_decode=cfg.data.reduced_decode, device_decode=cfg.data.decode == "device")
+                       reduced_decode=cfg.data.reduced_decode, device_decode=cfg.data.decode == "device",
+                       prefetch=cfg.data.prefetch)
 
 
 def check_plan(saved: dict, now: dict, path: Path) -> None:
@@ -261,7 +262,8 @@ def run(cfg: Config) -> dict:
                                world_size=world, shuffle_buffer=cfg.data.shuffle_buffer,
                                reduced_decode=cfg.data.reduced_decode, device_decode=cfg.data.decode == "device")
     # One loader for the whole run: its workers decode on into the next epoch while this one ends.
-    loader = Loader(train_stream, start_epoch=loop["epoch"], end_epoch=cfg.train.epochs, start_batch=loop["batch"])
+    loader = Loader(train_stream, start_epoch=loop["epoch"], end_epoch=cfg.train.epochs, start_batch=loop["batch"],
+                    prefetch=cfg.data.prefetch)
 
     for epoch in range(loop["epoch"], cfg.train.epochs):
         batches = loader.epoch(epoch)

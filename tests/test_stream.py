@@ -250,3 +250,21 @@ def test_a_corrupt_image_in_a_worker_is_a_user_error(tmp_path):
     stream = ShardStream(urls, sizes, batch_size=2, image_size=32, train=True, num_workers=2)
     with Loader(stream, end_epoch=1, pin_memory=False) as loader, pytest.raises(UserError, match="shards verify"):
         list(loader.epoch(0))
+
+
+def test_too_little_shared_memory_is_a_user_error_up_front(tmp_path):
+    from segdist.stream import check_shared_memory
+
+    check_shared_memory(1024, str(tmp_path))
+    with pytest.raises(UserError, match="data.prefetch.*shm-size"):
+        check_shared_memory(2**62, str(tmp_path))
+
+
+def test_pipe_command_shards_equal_local(shards):
+    path = shards / "val-000000.tar"
+    urls, sizes = resolve_shards(f"pipe:cat {path}", "val")
+    assert urls == [f"pipe:cat {path}"] and sizes == [UNEVEN[0]]
+    piped = list(make_loader(urls, sizes, batch_size=4, image_size=32, train=False, num_workers=1, pin_memory=False))
+    local = list(make_loader([str(path)], sizes, batch_size=4, image_size=32, train=False, pin_memory=False))
+    assert [b["key"] for b in piped] == [b["key"] for b in local]
+    assert all(torch.equal(p["image"], q["image"]) for p, q in zip(piped, local))
