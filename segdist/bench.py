@@ -443,6 +443,91 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- decoders
+def _resize_rgb(img: np.ndarray, size: int) -> np.ndarray:
+    interp = cv2.INTER_AREA if min(img.shape[:2]) >= 2 * size else cv2.INTER_LINEAR
+    return cv2.resize(img, (size, size), interpolation=interp)
+
+
+def _cv2_full(data: bytes, size: int) -> np.ndarray:
+    return decode_image(data, size, reduced=False)
+
+
+def _cv2_reduced(data: bytes, size: int) -> np.ndarray:
+    return decode_image(data, size, reduced=True)
+
+
+def _pil_draft(data: bytes, size: int) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(data))
+    im.draft("RGB", (size, size))  # libjpeg DCT scaling, keeps both sides >= size
+    return _resize_rgb(np.asarray(im.convert("RGB")), size)
+
+
+def _torchvision(data: bytes, size: int) -> np.ndarray:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    return _resize_rgb(img.permute(1, 2, 0).numpy(), size)
+
+
+def _simplejpeg(data: bytes, size: int) -> np.ndarray:
+    import simplejpeg
+
+    return _resize_rgb(simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size, min_width=size), size)
+
+
+DECODERS: dict[str, Callable[[bytes, int], np.ndarray]] = {
+    "cv2": _cv2_full, "cv2-reduced (stream)": _cv2_reduced, "pil-draft": _pil_draft,
+    "torchvision-cpu": _torchvision, "simplejpeg": _simplejpeg,
+}
+"""JPEG bytes -> uint8 (S, S, 3) RGB; all resize the same way, so they differ only in decoding."""
+
+
+def run_decode_bench(urls: list[str], size: int, min_seconds: float = 2.0) -> dict:
+    """Single-thread img/s of each JPEG decoder (+ the same resize) over the shards' JPEG images.
+
+    ``mean_abs_diff`` is against full-size OpenCV decoding: reduced (DCT-scaled) decoders trade
+    a little detail for speed, and a wrong decoder (channel order, orientation) shows here.
+    """
+    jpegs = [s["image.jpg"] for u in urls for s in read_samples(u) if "image.jpg" in s]
+    if not jpegs:
+        raise UserError("the shards hold no JPEG images to decode; build them with --reencode jpeg or --max-side")
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = [_cv2_full(d, size).astype(np.int16) for d in jpegs]
+        out = {}
+        for name, fn in DECODERS.items():
+            try:
+                fn(jpegs[0], size)
+            except ImportError:
+                out[name] = None  # not installed
+                continue
+            diff = float(np.mean([np.abs(fn(d, size).astype(np.int16) - r).mean() for d, r in zip(jpegs, ref)]))
+            n, t0 = 0, time.perf_counter()
+            while n == 0 or time.perf_counter() - t0 < min_seconds:  # whole passes, at least one
+                for d in jpegs:
+                    fn(d, size)
+                n += len(jpegs)
+            out[name] = {"img_s": round(n / (time.perf_counter() - t0), 1), "mean_abs_diff": round(diff, 2)}
+    finally:
+        torch.set_num_threads(torch_threads)
+    return {"decoders": out, "images": len(jpegs), "size": size, "threads": 1, "cpu": cpu_model()}
+
+
+def format_decode_table(r: dict) -> str:
+    lines = [f"segdist bench decode: {r['images']} JPEGs -> {r['size']} px RGB, 1 thread, {r['cpu']}",
+             f"{'decoder':<22} {'img/s':>8} {'mean |diff| vs cv2 full':>24}"]
+    for name, v in r["decoders"].items():
+        lines.append(f"{name:<22} {'not installed':>8}" if v is None else
+                     f"{name:<22} {v['img_s']:>8.1f} {v['mean_abs_diff']:>24.2f}")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- CLI
 def add_cli(sub) -> None:
     """Register ``segdist bench data`` on an argparse sub-parsers object."""
@@ -465,6 +550,18 @@ def add_cli(sub) -> None:
     d.add_argument("--rss", action="store_true", help="also measure the stream's peak RSS with 1x and 10x shards")
     d.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     d.set_defaults(func=_cmd_data)
+    k = bsub.add_parser("decode", help="JPEG decoders compared on the same shard bytes (speed, difference)",
+                        description="Single-thread speed of each JPEG decoder (+ the same resize) on the shards' "
+                                    "images, and its mean difference from full-size OpenCV decoding.")
+    k.add_argument("--shards", help="shard folder (default: build one from --source into a temp dir)")
+    k.add_argument("--source", default=DEFAULT_SOURCE, help=f"folder with train.csv or the CSV (default {DEFAULT_SOURCE})")
+    k.add_argument("--split", default="train", help="shard split (default train)")
+    k.add_argument("--size", type=int, default=320, help="output side in pixels (default 320)")
+    k.add_argument("--max-side", type=int, default=0, help="when building shards: longer side <= N (0 = originals)")
+    k.add_argument("--limit", type=int, default=0, help="use only the first N rows of the CSV (0 = all)")
+    k.add_argument("--min-seconds", type=float, default=2.0, help="time each decoder at least this long")
+    k.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    k.set_defaults(func=_cmd_decode)
 
 
 def _cmd_data(args) -> int:
@@ -472,4 +569,19 @@ def _cmd_data(args) -> int:
                                       batch=args.batch, workers=args.workers, max_side=args.max_side,
                                       limit=args.limit, min_seconds=args.min_seconds, rss=args.rss))
     print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def _cmd_decode(args) -> int:
+    _check(BenchArgs(size=args.size, max_side=args.max_side, limit=args.limit, min_seconds=args.min_seconds))
+    with tempfile.TemporaryDirectory(prefix="segdist-bench-") as tmp:
+        if args.shards:
+            shard_dir = args.shards
+        else:
+            rows = read_course_csv(source_csv(args.source), args.limit)
+            shard_dir = str(build_bench_shards(rows, Path(tmp) / "shards", args.max_side, 2))
+        urls, _ = resolve_shards(shard_dir, args.split)
+        result = run_decode_bench(urls, args.size, args.min_seconds)
+    result["max_side"] = args.max_side if not args.shards else None
+    print(json.dumps(result) if args.json else format_decode_table(result))
     return 0

@@ -82,3 +82,20 @@ def test_bench_data_json_on_a_subset(capsys):
     assert r["fraction_of_decode_limit"] == pytest.approx(r["segdist_img_s"] / r["decode_img_s"], rel=0.01)
     assert r["rss_shards_10x"] == 10 * r["rss_shards_1x"]
     assert r["device"] in ("cpu", "cuda")
+
+
+@pytest.mark.slow
+def test_bench_decode_compares_decoders_on_real_photos(capsys):
+    """Every installed decoder runs on the same JPEG bytes; all agree with full OpenCV decoding."""
+    source = require_dataset(HUMAN_SEG)
+    assert main(["bench", "decode", "--source", str(source), "--limit", "12", "--size", "64",
+                 "--max-side", "256", "--min-seconds", "0", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["images"] == 12 and r["size"] == 64
+    got = {k: v for k, v in r["decoders"].items() if v is not None}
+    assert {"cv2", "cv2-reduced (stream)", "pil-draft", "torchvision-cpu"} <= set(got)
+    assert got["cv2"]["mean_abs_diff"] == 0
+    for name, v in got.items():
+        assert v["img_s"] > 0, name
+        # same photo, same resize: a swapped channel order or a rotated image would be far above this
+        assert v["mean_abs_diff"] < 4, (name, v)

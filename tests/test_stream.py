@@ -210,9 +210,12 @@ def test_leaving_an_epoch_early_still_gives_the_next_epoch_whole(shards):
                                          pin_memory=False).epoch(1)]
         it = iter(loader.epoch(0))
         next(it)
-        assert [b["key"] for b in loader.epoch(1)] == want
+        second = loader.epoch(1)
+        assert [b["key"] for b in second] == want
         with pytest.raises(ValueError, match="not ahead"):
             loader.epoch(0)
+        with pytest.raises(ValueError, match="already iterated"):
+            iter(second)
 
 
 def test_close_stops_the_workers(shards):
@@ -268,3 +271,30 @@ def test_pipe_command_shards_equal_local(shards):
     local = list(make_loader([str(path)], sizes, batch_size=4, image_size=32, train=False, pin_memory=False))
     assert [b["key"] for b in piped] == [b["key"] for b in local]
     assert all(torch.equal(p["image"], q["image"]) for p, q in zip(piped, local))
+
+
+def test_jpeg_size_reads_the_frame_header_like_pil(tmp_path):
+    import io
+
+    import cv2
+    from PIL import Image
+
+    from segdist.stream import jpeg_size
+    from tests.conftest import HUMAN_SEG, require_dataset
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (37, 53, 3), np.uint8)
+    variants = [cv2.imencode(".jpg", img)[1].tobytes(),
+                cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()]
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: an APP1 segment before the frame header
+    Image.fromarray(img).save(buf, "JPEG", exif=exif, icc_profile=b"\0" * 3000)
+    variants.append(buf.getvalue())
+    photos = sorted(require_dataset(HUMAN_SEG).rglob("*.jpg"))[::10]
+    variants += [p.read_bytes() for p in photos]
+    for data in variants:
+        assert jpeg_size(data) == Image.open(io.BytesIO(data)).size
+    assert len(variants) > 20
+    for broken in (b"\xff\xd8", b"\xff\xd8\xff\xe0\x00", b"\xff\xd8garbage", variants[0][:20]):
+        assert jpeg_size(broken) is None
