@@ -490,10 +490,13 @@ class Loader:
     """
 
     def __init__(self, stream: ShardStream, *, start_epoch: int = 0, end_epoch: int | None = None,
-                 start_batch: int = 0, pin_memory: bool | None = None, prefetch: int = 4):
+                 start_batch: int = 0, pin_memory: bool | None = None, prefetch: int = 4,
+                 start_method: str | None = None):
         self.stream, self.start_epoch, self.end_epoch, self.start_batch = stream, start_epoch, end_epoch, start_batch
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch = max(prefetch, 1)
+        # fork: no re-import and workers share torch's pages; spawn where fork does not exist
+        self.start_method = start_method or ("fork" if os.name == "posix" else "spawn")
         self._next_epoch = start_epoch
         self._procs: list = []
         self._finalizer = None
@@ -523,8 +526,7 @@ class Loader:
 
         s = self.stream
         nwk, b, px = s.workers, s.batch_size, s.image_size
-        method = "fork" if os.name == "posix" else "spawn"  # fork: no re-import, shares torch's pages
-        ctx = torch.multiprocessing.get_context(method)
+        ctx = torch.multiprocessing.get_context(self.start_method)
         check_shared_memory(nwk * self.prefetch * b * px * px * 4)
         self._images = torch.empty((nwk, self.prefetch, b, px, px, 3), dtype=torch.uint8).share_memory_()
         self._masks = torch.empty((nwk, self.prefetch, b, px, px), dtype=torch.uint8).share_memory_()

@@ -6,6 +6,7 @@ import functools
 import http.server
 import threading
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,13 +138,13 @@ def test_too_small_for_batch_is_a_user_error(shards):
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_device_jpeg_decode_matches_cpu_decode(tmp_path, device):
+@pytest.mark.parametrize("device,workers", [(d, w) for d in DEVICES for w in (0, 2)])
+def test_device_jpeg_decode_matches_cpu_decode(tmp_path, device, workers):
     from segdist.stream import to_device
 
     jpg = write_shards(tmp_path, {"val": [6]}, size=96, ext="jpg")
     urls, sizes = resolve_shards(str(jpg), "val")
-    kw = dict(batch_size=3, image_size=64, train=False, pin_memory=False)
+    kw = dict(batch_size=3, image_size=64, train=False, pin_memory=False, num_workers=workers)
     on_cpu = list(make_loader(urls, sizes, **kw))
     on_dev = list(make_loader(urls, sizes, device_decode=True, **kw))
     assert all(b["jpeg"] and all(j is not None for j in b["jpeg"]) for b in on_dev)
@@ -298,3 +299,50 @@ def test_jpeg_size_reads_the_frame_header_like_pil(tmp_path):
     assert len(variants) > 20
     for broken in (b"\xff\xd8", b"\xff\xd8\xff\xe0\x00", b"\xff\xd8garbage", variants[0][:20]):
         assert jpeg_size(broken) is None
+
+
+
+def test_spawned_workers_deliver_the_same_batches(shards):
+    """The start method where fork does not exist (macOS, Windows): everything pickles across."""
+    with Loader(train_stream(shards, 2), end_epoch=1, pin_memory=False, start_method="spawn") as loader:
+        spawned = [(b["key"], b["image"]) for b in loader.epoch(0)]
+    with Loader(train_stream(shards, 2), end_epoch=1, pin_memory=False) as loader:
+        forked = [(b["key"], b["image"]) for b in loader.epoch(0)]
+    assert [k for k, _ in spawned] == [k for k, _ in forked]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(spawned, forked))
+
+
+def test_workers_exit_when_the_training_process_is_killed(shards):
+    """kill -9 of the training process must not leave decoders behind (they poll their parent)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = f"""
+import os, signal, sys
+from segdist.stream import Loader, ShardStream, resolve_shards
+urls, sizes = resolve_shards({str(shards)!r}, "train")
+loader = Loader(ShardStream(urls, sizes, batch_size=1, image_size=32, train=True, num_workers=2), pin_memory=False)
+next(iter(loader.epoch(0)))
+print(" ".join(str(p.pid) for p in loader._procs), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert p.returncode == -9, p.stderr
+    pids = [int(x) for x in p.stdout.split()]
+    assert len(pids) == 2
+
+    def alive(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 15
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in pids)
