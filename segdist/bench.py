@@ -554,7 +554,8 @@ def add_cli(sub) -> None:
                         description="Single-thread speed of each JPEG decoder (+ the same resize) on the shards' "
                                     "images, and its mean difference from full-size OpenCV decoding.")
     k.add_argument("--shards", help="shard folder (default: build one from --source into a temp dir)")
-    k.add_argument("--source", default=DEFAULT_SOURCE, help=f"folder with train.csv or the CSV (default {DEFAULT_SOURCE})")
+    k.add_argument("--source", default=DEFAULT_SOURCE,
+                   help=f"folder with train.csv or the CSV (default {DEFAULT_SOURCE})")
     k.add_argument("--split", default="train", help="shard split (default train)")
     k.add_argument("--size", type=int, default=320, help="output side in pixels (default 320)")
     k.add_argument("--max-side", type=int, default=0, help="when building shards: longer side <= N (0 = originals)")

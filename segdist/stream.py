@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import collections
 import glob
-import io
+import itertools
 import math
 import os
 import struct
@@ -44,7 +44,6 @@ from typing import Iterator
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 
 from .errors import UserError
 
@@ -200,10 +199,7 @@ def shuffle(samples: Iterator[dict], bufsize: int, rng: np.random.Generator) -> 
 
 
 def take(samples: Iterator[dict], n: int) -> Iterator[dict]:
-    for i, s in enumerate(samples):
-        if i >= n:
-            return
-        yield s
+    return itertools.islice(samples, n)  # stops without reading sample n + 1 (no extra tar opened)
 
 
 # OpenCV >= 4.10 decodes straight to RGB (no BGR->RGB pass); the reduced-size flags carry the
@@ -245,20 +241,24 @@ def decode_image(data: bytes, size: int, reduced: bool = True, out: np.ndarray |
     """
     flag = cv2.IMREAD_COLOR
     if reduced and data[:2] == b"\xff\xd8":
-        wh = jpeg_size(data)
-        w, h = wh if wh is not None else Image.open(io.BytesIO(data)).size
-        flag = next((f for factor, f in _REDUCED if min(w, h) // factor >= size), flag)
+        wh = jpeg_size(data)  # None: a malformed header; full decode then fails with a clear error
+        if wh is not None:
+            flag = next((f for factor, f in _REDUCED if min(wh) // factor >= size), flag)
     if _RGB is not None:
         flag = (flag & ~cv2.IMREAD_COLOR) | _RGB
     # shards already have EXIF orientation applied
     img = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
         raise UserError("cannot decode an image in the shards; run `segdist shards verify`")
-    if _RGB is None:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     # Area averaging only where aliasing would show (>= 2x down); below that bilinear is 3x cheaper
     # and what the classic loader uses too.
     interp = cv2.INTER_AREA if min(img.shape[:2]) >= 2 * size else cv2.INTER_LINEAR
+    if _RGB is None:  # OpenCV < 4.10: swap channels after the resize, on fewer pixels
+        img = cv2.cvtColor(cv2.resize(img, (size, size), interpolation=interp), cv2.COLOR_BGR2RGB)
+        if out is None:
+            return img
+        out[...] = img
+        return out
     if out is None:
         return cv2.resize(img, (size, size), interpolation=interp)
     r = cv2.resize(img, (size, size), dst=out, interpolation=interp)  # straight into the batch row
@@ -409,26 +409,40 @@ class _Stop(Exception):
 
 
 def _worker_loop(stream: ShardStream, w: int, start_epoch: int, end_epoch: int | None, start_batch: int,
-                 images: torch.Tensor, masks: torch.Tensor, free, filled, stop, parent: int) -> None:
+                 images: torch.Tensor, masks: torch.Tensor, free, conn, stop, parent: int,
+                 inherited: list) -> None:
     """One worker process: slot ``w``'s batches for every epoch, decoded into its shared ring.
 
-    Protocol (per worker, in order): wait for a free ring slot (semaphore ``free``), decode a
-    batch into it, then put ``("batch", epoch, n, keys, jpegs)`` on ``filled``; after each
-    epoch ``("end", epoch, ...)``. Ring slots are used round-robin on both sides, so messages
-    carry no slot numbers. Only a few hundred bytes cross the pipe per batch.
+    Protocol (per worker, in order): every message holds one permit of the semaphore ``free``
+    (``prefetch`` of them) until the training process has read it, so a worker runs at most
+    ``prefetch`` messages ahead. A batch is decoded into the next ring slot, then
+    ``("batch", epoch, n, keys, jpegs)`` is sent on ``conn``; after each epoch ``("end", epoch,
+    ...)``. Ring slots are used round-robin on both sides, so messages carry no slot numbers.
+
+    ``conn`` is a pipe whose write end only this process holds (``inherited`` are the other
+    pipe ends a fork copied in; they are closed first): if it dies mid-message the training
+    process reads end-of-file instead of waiting for the rest, and if the training process
+    dies a blocked send fails instead of waiting forever.
     """
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
+    for c in inherited:
+        c.close()
     torch.set_num_threads(1)
     ring_images, ring_masks = images[w].numpy(), masks[w].numpy()
     ring, taken = ring_images.shape[0], 0
 
-    def alloc():
-        nonlocal taken
-        while not free.acquire(timeout=1.0):
+    def permit() -> None:
+        while True:
             if stop.is_set() or os.getppid() != parent:  # closed, or the training process died
                 raise _Stop
+            if free.acquire(timeout=1.0):
+                return
+
+    def alloc():
+        nonlocal taken
+        permit()
         slot = taken % ring
         taken += 1
         return ring_images[slot], ring_masks[slot]
@@ -438,42 +452,56 @@ def _worker_loop(stream: ShardStream, w: int, start_epoch: int, end_epoch: int |
         while end_epoch is None or epoch < end_epoch:
             skip = stream.delivered(w, start_batch) if epoch == start_epoch else 0
             for _, _, keys, jpegs in stream.slot_batches(epoch, w, skip, alloc):
-                filled.put(("batch", epoch, len(keys), keys, jpegs))
-            filled.put(("end", epoch, 0, None, None))
+                conn.send(("batch", epoch, len(keys), keys, jpegs))
+            permit()
+            conn.send(("end", epoch, 0, None, None))
             epoch += 1
-    except _Stop:
-        filled.cancel_join_thread()  # nobody reads any more: exit without flushing
-    except UserError as e:
-        filled.put(("error", epoch, 0, str(e), True))
-    except BaseException:  # noqa: BLE001 -- reported to, and raised in, the training process
+    except (_Stop, BrokenPipeError, ConnectionResetError):
+        pass  # closed, or nobody is reading any more
+    except BaseException as e:  # noqa: BLE001 -- reported to, and raised in, the training process
         import traceback
 
-        filled.put(("error", epoch, 0, traceback.format_exc(), False))
+        user = isinstance(e, UserError)
+        try:
+            conn.send(("error", epoch, 0, str(e) if user else traceback.format_exc(), user))
+        except OSError:
+            pass
+    finally:
+        conn.close()
 
 
-def _shutdown(procs: list, stop) -> None:
+def _shutdown(procs: list, stop, readers: list, timeout: float = 5.0) -> None:
+    import time
+
     stop.set()
+    for r in readers:
+        r.close()  # a worker blocked sending gets a broken pipe and exits
+    deadline = time.monotonic() + timeout
     for p in procs:
-        p.join(timeout=5)
+        p.join(timeout=max(deadline - time.monotonic(), 0.01))
     for p in procs:
         if p.is_alive():
             p.terminate()
             p.join(timeout=5)
 
 
-def check_shared_memory(need: int, path: str = "/dev/shm") -> None:
-    """Refuse up front when the batch rings cannot fit: a full /dev/shm is a SIGBUS mid-run, not an error."""
+def check_shared_memory(need: int, path: str = "/dev/shm", ranks: int = 1) -> None:
+    """Refuse up front when the batch rings cannot fit: a full /dev/shm is a SIGBUS mid-run, not an error.
+
+    ``ranks``: processes on this node allocating the same (they all check the same free space).
+    """
     import shutil
 
     try:
         free = shutil.disk_usage(path).free
     except OSError:
         return  # no /dev/shm (macOS, Windows): the OS backs shared memory otherwise
-    if need > free:
+    if need * ranks > free:
+        per = f" ({ranks} processes on this node x {need / 2**20:.0f} MiB)" if ranks > 1 else ""
         raise UserError(
-            f"the loader needs {need / 2**20:.0f} MiB of shared memory for its batch buffers but {path} has "
-            f"{free / 2**20:.0f} MiB free; lower data.prefetch, data.num_workers or data.batch_size, or give "
-            f"the container more (docker run --shm-size=8g)")
+            f"the loader needs {need * ranks / 2**20:.0f} MiB of shared memory for its batch buffers{per} but "
+            f"{path} has {free / 2**20:.0f} MiB free; lower data.prefetch, data.num_workers or data.batch_size, "
+            f"or give the container more (docker run --shm-size=8g)")
 
 
 class Loader:
@@ -486,7 +514,7 @@ class Loader:
     stays valid. Batches come round-robin from the workers, as from a DataLoader.
 
     With ``num_workers=0`` batches are decoded in the calling process. ``end_epoch=None``
-    keeps producing epochs until :meth:`close`.
+    keeps producing epochs until :meth:`close` (workers stay at most ``prefetch`` messages ahead).
     """
 
     def __init__(self, stream: ShardStream, *, start_epoch: int = 0, end_epoch: int | None = None,
@@ -498,8 +526,10 @@ class Loader:
         # fork: no re-import and workers share torch's pages; spawn where fork does not exist
         self.start_method = start_method or ("fork" if os.name == "posix" else "spawn")
         self._next_epoch = start_epoch
+        self._reading = start_epoch  # the epoch the workers' messages are being read for
         self._procs: list = []
         self._finalizer = None
+        self._closed = False
 
     def __enter__(self) -> Loader:
         return self
@@ -508,6 +538,7 @@ class Loader:
         self.close()
 
     def close(self) -> None:
+        self._closed = True
         if self._finalizer is not None:
             self._finalizer()
 
@@ -527,41 +558,55 @@ class Loader:
         s = self.stream
         nwk, b, px = s.workers, s.batch_size, s.image_size
         ctx = torch.multiprocessing.get_context(self.start_method)
-        check_shared_memory(nwk * self.prefetch * b * px * px * 4)
+        check_shared_memory(nwk * self.prefetch * b * px * px * 4, ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self._images = torch.empty((nwk, self.prefetch, b, px, px, 3), dtype=torch.uint8).share_memory_()
         self._masks = torch.empty((nwk, self.prefetch, b, px, px), dtype=torch.uint8).share_memory_()
         self._ring_images, self._ring_masks = self._images.numpy(), self._masks.numpy()
         self._free = [ctx.Semaphore(self.prefetch) for _ in range(nwk)]
-        self._filled = [ctx.Queue() for _ in range(nwk)]
+        pipes = [ctx.Pipe(duplex=False) for _ in range(nwk)]
+        self._readers = [r for r, _ in pipes]
         self._stop = ctx.Event()
         self._taken = [0] * nwk
+        # before any start: a failure half-way still stops the workers already running
+        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._stop, self._readers)
+        fork = self.start_method == "fork"
         for w in range(nwk):
+            # a forked child gets copies of every pipe end; it closes all but its own write end
+            inherited = [c for k, (r, wr) in enumerate(pipes) for c in (r, wr) if fork and (k != w or c is r)]
             p = ctx.Process(target=_worker_loop, daemon=True,
                             args=(s, w, self.start_epoch, self.end_epoch, self.start_batch, self._images,
-                                  self._masks, self._free[w], self._filled[w], self._stop, os.getpid()))
+                                  self._masks, self._free[w], pipes[w][1], self._stop, os.getpid(), inherited))
             p.start()
             self._procs.append(p)
-        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._stop)
+        for _, wr in pipes:
+            wr.close()  # only the workers hold write ends now: a dead one reads as end-of-file
+
+    def _died(self, w: int) -> UserError:
+        p = self._procs[w]
+        p.join(timeout=5)
+        hint = " (killed: out of memory? lower data.num_workers or data.batch_size)" if p.exitcode == -9 else ""
+        return UserError(f"data loader worker {w} died with exit code {p.exitcode}{hint}")
 
     def _receive(self, w: int, epoch: int) -> dict | None:
         """Worker ``w``'s next batch of ``epoch`` (None at its end); earlier epochs' leftovers dropped."""
-        import queue
-
+        conn = self._readers[w]
         while True:
-            try:
-                kind, e, n, keys, extra = self._filled[w].get(timeout=2.0)
-            except queue.Empty:
-                p = self._procs[w]
-                if not p.is_alive():
-                    hint = " (killed: out of memory? lower data.num_workers or data.batch_size)" \
-                        if p.exitcode == -9 else ""
-                    raise UserError(f"data loader worker {w} died with exit code {p.exitcode}{hint}") from None
+            if self._closed:
+                raise ValueError("this Loader is closed")
+            if not conn.poll(2.0):  # readable also at end-of-file, so a dead worker shows up here
+                if not self._procs[w].is_alive() and not conn.poll(0):
+                    raise self._died(w)
                 continue
+            try:
+                kind, e, n, keys, extra = conn.recv()
+            except (EOFError, OSError):  # OSError: end-of-file half-way through a message
+                raise self._died(w) from None
             if kind == "error":
                 if extra:
                     raise UserError(keys)
                 raise RuntimeError(f"data loader worker {w} failed:\n{keys}")
             if kind == "end":
+                self._free[w].release()
                 if e == epoch:
                     return None
                 continue
@@ -570,7 +615,6 @@ class Loader:
             if e < epoch:  # a batch of an epoch the caller left early
                 self._free[w].release()
                 continue
-            assert e == epoch, f"worker {w} sent epoch {e} while epoch {epoch} was read"
             image = torch.empty((n, *self._images.shape[3:]), dtype=torch.uint8, pin_memory=self.pin_memory)
             mask = torch.empty((n, *self._masks.shape[3:]), dtype=torch.uint8, pin_memory=self.pin_memory)
             # numpy's copy, not torch's: torch parallelises it over OpenMP threads whose spin-waits
@@ -581,6 +625,11 @@ class Loader:
             return _to_batch(image, mask, keys, extra)
 
     def _iter(self, epoch: int, start: int) -> Iterator[dict]:
+        if self._closed:
+            raise ValueError("this Loader is closed")
+        if epoch < self._reading:  # its messages were already read past (and dropped)
+            raise ValueError(f"epoch {epoch} cannot be read after epoch {self._reading}")
+        self._reading = epoch
         s = self.stream
         if s.num_workers == 0:
             for images, masks, keys, jpegs in s.slot_batches(epoch, 0, start):
@@ -636,11 +685,12 @@ class OneEpoch:
 
 def make_loader(urls: list[str], sizes: list[int], *, batch_size: int, image_size: int, train: bool,
                 num_workers: int = 0, pin_memory: bool | None = None, epoch: int = 0, start_batch: int = 0,
-                prefetch: int = 4, **stream_kw) -> OneEpoch:
+                prefetch: int = 4, start_method: str | None = None, **stream_kw) -> OneEpoch:
     """One epoch of one rank's batches (``len()`` known up front); workers live for the epoch.
 
     Training over many epochs uses :class:`Loader` directly so its workers persist.
     """
     stream = ShardStream(urls, sizes, batch_size=batch_size, image_size=image_size, train=train,
                          num_workers=num_workers, **stream_kw)
-    return OneEpoch(stream, epoch, start_batch, pin_memory=pin_memory, prefetch=prefetch)
+    return OneEpoch(stream, epoch, start_batch, pin_memory=pin_memory, prefetch=prefetch,
+                    start_method=start_method)

@@ -233,8 +233,10 @@ def run(cfg: Config) -> dict:
     # Resume: model/optimiser/scheduler/scaler/RNG from accelerate, loop position from loop.json.
     states_dir = run_dir / "states"
     # The sample plan depends on these; a resume must see the same ones to continue exactly.
+    # "stream": the sample-order version; 2 = take before shuffle (states saved by 1 resume differently)
     plan = {"world_size": accelerator.num_processes, "num_workers": cfg.data.num_workers,
-            "batch_size": cfg.data.batch_size, "accumulate": cfg.optim.accumulate, "seed": cfg.train.seed}
+            "batch_size": cfg.data.batch_size, "accumulate": cfg.optim.accumulate, "seed": cfg.train.seed,
+            "stream": 2}
     loop = {"epoch": 0, "batch": 0, "step": 0, "best_iou": -1.0, "nonfinite": 0, "plan": plan}
     for torn in torn_states(states_dir):
         accelerator.print(f"ignoring torn state {torn} (left by a killed job)")
@@ -262,94 +264,95 @@ def run(cfg: Config) -> dict:
                                world_size=world, shuffle_buffer=cfg.data.shuffle_buffer,
                                reduced_decode=cfg.data.reduced_decode, device_decode=cfg.data.decode == "device")
     # One loader for the whole run: its workers decode on into the next epoch while this one ends.
-    loader = Loader(train_stream, start_epoch=loop["epoch"], end_epoch=cfg.train.epochs, start_batch=loop["batch"],
-                    prefetch=cfg.data.prefetch)
-
-    for epoch in range(loop["epoch"], cfg.train.epochs):
-        batches = loader.epoch(epoch)
-        n_batches = loop["batch"] + len(batches)
-        set_train_mode(model, cfg.model.freeze_bn)
-        t_epoch, t_wait, seen, loss_total, loss_n = time.perf_counter(), 0.0, 0, 0.0, 0
-        epoch_loss = torch.zeros(2, device=accelerator.device)  # (sum of batch losses, batches)
-        bar = tqdm(total=n_batches, initial=loop["batch"], desc=f"epoch {epoch}",
-                   disable=not accelerator.is_local_main_process, leave=False)
-        it = iter(batches)
-        for i in range(loop["batch"], n_batches):
-            t0 = time.perf_counter()
-            batch = next(it)
-            t_wait += time.perf_counter() - t0
-            image, mask = to_device(batch, accelerator.device)
-            x, y = train_aug(image, mask)
-            if cfg.model.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            # Accumulation groups end every `accumulate` batches and at the epoch end; DDP only
-            # all-reduces gradients on a group's last micro-batch.
-            last = (i + 1) % acc_n == 0 or i + 1 == n_batches
-            group = acc_n if i // acc_n < n_batches // acc_n else n_batches % acc_n
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                with accelerator.autocast():
-                    loss = loss_fn(model(x), y)
-                accelerator.backward(loss / group)
-            loss_total += loss.detach().float()
-            loss_n += 1
-            epoch_loss += torch.stack([loss.detach().float(), torch.ones((), device=loss.device)])
-            seen += len(y)
-            bar.update(1)
-            if not last:
-                continue
-            # Non-finite guard: every rank must agree (one scalar all-reduce), else DDP diverges.
-            if not all_finite(loss_total, accelerator):
+    with Loader(train_stream, start_epoch=loop["epoch"], end_epoch=cfg.train.epochs, start_batch=loop["batch"],
+                prefetch=cfg.data.prefetch) as loader:
+        for epoch in range(loop["epoch"], cfg.train.epochs):
+            batches = loader.epoch(epoch)
+            n_batches = loop["batch"] + len(batches)
+            set_train_mode(model, cfg.model.freeze_bn)
+            t_epoch, t_wait, seen, loss_total, loss_n = time.perf_counter(), 0.0, 0, 0.0, 0
+            epoch_loss = torch.zeros(2, device=accelerator.device)  # (sum of batch losses, batches)
+            bar = tqdm(total=n_batches, initial=loop["batch"], desc=f"epoch {epoch}",
+                       disable=not accelerator.is_local_main_process, leave=False)
+            it = iter(batches)
+            for i in range(loop["batch"], n_batches):
+                t0 = time.perf_counter()
+                batch = next(it)
+                t_wait += time.perf_counter() - t0
+                image, mask = to_device(batch, accelerator.device)
+                x, y = train_aug(image, mask)
+                if cfg.model.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                # Accumulation groups end every `accumulate` batches and at the epoch end; DDP only
+                # all-reduces gradients on a group's last micro-batch.
+                last = (i + 1) % acc_n == 0 or i + 1 == n_batches
+                group = acc_n if i // acc_n < n_batches // acc_n else n_batches % acc_n
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    with accelerator.autocast():
+                        loss = loss_fn(model(x), y)
+                    accelerator.backward(loss / group)
+                loss_total += loss.detach().float()
+                loss_n += 1
+                epoch_loss += torch.stack([loss.detach().float(), torch.ones((), device=loss.device)])
+                seen += len(y)
+                bar.update(1)
+                if not last:
+                    continue
+                # Non-finite guard: every rank must agree (one scalar all-reduce), else DDP diverges.
+                if not all_finite(loss_total, accelerator):
+                    optimizer.zero_grad(set_to_none=True)
+                    loop["nonfinite"] += 1
+                    nonfinite_run += 1
+                    loss_total, loss_n = 0.0, 0
+                    log.log({"event": "nonfinite", "epoch": epoch, "count": loop["nonfinite"]}, loop["step"])
+                    if nonfinite_run >= cfg.train.max_nonfinite:
+                        path = save_state(accelerator, states_dir, loop["step"],
+                                          {**state(), "epoch": epoch, "batch": i + 1}, cfg.train.keep_last, extras)
+                        accelerator.end_training()
+                        raise UserError(f"loss was non-finite for {nonfinite_run} consecutive steps "
+                                        f"({loop['nonfinite']} in all); stopped with the last good weights saved "
+                                        f"in {path}. Lower optim.lr, set optim.grad_clip, or use "
+                                        f"train.mixed_precision=bf16")
+                    continue
+                nonfinite_run = 0
+                if cfg.optim.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                if not optimizer.step_was_skipped:  # fp16 GradScaler skips overflowing steps
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                loop["nonfinite"] += 1
-                nonfinite_run += 1
+                if ema is not None:
+                    ema.update_parameters(accelerator.unwrap_model(model, keep_torch_compile=False))
+                loop["step"] += 1
+                if loop["step"] % cfg.train.log_every == 0:
+                    # .item() syncs with the device: only on logging steps.
+                    lr = scheduler.get_last_lr()[-1]
+                    log.log({"event": "train", "epoch": epoch, "loss": float(loss_total) / loss_n, "lr": lr},
+                            loop["step"])
+                    bar.set_postfix(loss=f"{float(loss_total) / loss_n:.4f}", lr=f"{lr:.2e}")
+                if cfg.train.checkpoint_every and loop["step"] % cfg.train.checkpoint_every == 0 and i + 1 < n_batches:
+                    save_state(accelerator, states_dir, loop["step"], {**state(), "epoch": epoch, "batch": i + 1},
+                               cfg.train.keep_last, extras)
                 loss_total, loss_n = 0.0, 0
-                log.log({"event": "nonfinite", "epoch": epoch, "count": loop["nonfinite"]}, loop["step"])
-                if nonfinite_run >= cfg.train.max_nonfinite:
-                    path = save_state(accelerator, states_dir, loop["step"], {**state(), "epoch": epoch, "batch": i + 1},
-                                      cfg.train.keep_last, extras)
-                    accelerator.end_training()
-                    loader.close()
-                    raise UserError(f"loss was non-finite for {nonfinite_run} consecutive steps "
-                                    f"({loop['nonfinite']} in all); stopped with the last good weights saved in "
-                                    f"{path}. Lower optim.lr, set optim.grad_clip, or use train.mixed_precision=bf16")
-                continue
-            nonfinite_run = 0
-            if cfg.optim.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            if not optimizer.step_was_skipped:  # fp16 GradScaler skips overflowing steps
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update_parameters(accelerator.unwrap_model(model, keep_torch_compile=False))
-            loop["step"] += 1
-            if loop["step"] % cfg.train.log_every == 0:
-                # .item() syncs with the device: only on logging steps.
-                lr = scheduler.get_last_lr()[-1]
-                log.log({"event": "train", "epoch": epoch, "loss": float(loss_total) / loss_n, "lr": lr}, loop["step"])
-                bar.set_postfix(loss=f"{float(loss_total) / loss_n:.4f}", lr=f"{lr:.2e}")
-            if cfg.train.checkpoint_every and loop["step"] % cfg.train.checkpoint_every == 0 and i + 1 < n_batches:
-                save_state(accelerator, states_dir, loop["step"], {**state(), "epoch": epoch, "batch": i + 1},
-                           cfg.train.keep_last, extras)
-            loss_total, loss_n = 0.0, 0
-        bar.close()
-        elapsed = time.perf_counter() - t_epoch
-        rec = {"event": "epoch", "epoch": epoch + 1, "train_loss": float(epoch_loss[0] / epoch_loss[1].clamp_min(1)),
-               "img_s": seen * world / elapsed, "data_wait": t_wait / elapsed, **device_memory(accelerator)}
-        loop.update(epoch=epoch + 1, batch=0)
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            # keep_torch_compile=False: the default would rewire the compiled module to skip DDP.
-            eval_model = ema.module if ema is not None else accelerator.unwrap_model(model, keep_torch_compile=False)
-            metrics = evaluate_and_save(eval_model, cfg, info, accelerator, eval_aug, loss_fn, loop, log, meta)
-            rec.update(val_loss=metrics["loss"], val_iou=metrics["iou"], val_dice=metrics["dice"],
-                       **{f"val_iou/{c['name']}": c["iou"] for c in metrics["per_class"] if c["iou"] is not None})
-        log.log(rec, loop["step"])
-        accelerator.print(summary_line(epoch + 1, rec))
-        save_state(accelerator, states_dir, loop["step"], state(), cfg.train.keep_last, extras)
-        if accelerator.is_main_process:
-            plot_curves(log.path, run_dir / "curves.png")
+            bar.close()
+            elapsed = time.perf_counter() - t_epoch
+            rec = {"event": "epoch", "epoch": epoch + 1,
+                   "train_loss": float(epoch_loss[0] / epoch_loss[1].clamp_min(1)),
+                   "img_s": seen * world / elapsed, "data_wait": t_wait / elapsed, **device_memory(accelerator)}
+            loop.update(epoch=epoch + 1, batch=0)
+            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+                # keep_torch_compile=False: the default would rewire the compiled module to skip DDP.
+                eval_model = (ema.module if ema is not None
+                              else accelerator.unwrap_model(model, keep_torch_compile=False))
+                metrics = evaluate_and_save(eval_model, cfg, info, accelerator, eval_aug, loss_fn, loop, log, meta)
+                rec.update(val_loss=metrics["loss"], val_iou=metrics["iou"], val_dice=metrics["dice"],
+                           **{f"val_iou/{c['name']}": c["iou"] for c in metrics["per_class"] if c["iou"] is not None})
+            log.log(rec, loop["step"])
+            accelerator.print(summary_line(epoch + 1, rec))
+            save_state(accelerator, states_dir, loop["step"], state(), cfg.train.keep_last, extras)
+            if accelerator.is_main_process:
+                plot_curves(log.path, run_dir / "curves.png")
 
-    loader.close()
     accelerator.end_training()
     if metrics:
         accelerator.print(f"final val IoU {metrics['iou']:.4f}  Dice {metrics['dice']:.4f}  "

@@ -226,6 +226,53 @@ def test_close_stops_the_workers(shards):
     assert len(procs) == 2 and all(p.is_alive() for p in procs)
     loader.close()
     assert not any(p.is_alive() for p in procs)
+    assert [p.exitcode for p in procs] == [0, 0]  # they stopped themselves, none had to be terminated
+
+
+def test_a_worker_without_batches_waits_instead_of_running_ahead(tmp_path):
+    """3 samples, batch 2, 2 workers: worker 1 has no batches; unbounded, it must still block."""
+    out = write_shards(tmp_path / "s", {"train": [3]}, size=32)
+    urls, sizes = resolve_shards(str(out), "train")
+    loader = Loader(ShardStream(urls, sizes, batch_size=2, image_size=32, train=True, num_workers=2),
+                    pin_memory=False, prefetch=2)
+    assert [len(list(loader.epoch(e))) for e in range(3)] == [1, 1, 1]
+    procs = list(loader._procs)
+    import time
+
+    time.sleep(1.5)
+    idle_cpu = __import__("psutil").Process(procs[1].pid).cpu_times()
+    loader.close()
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert idle_cpu.user + idle_cpu.system < 1.0  # a spinning worker burns the whole 1.5 s and more
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_killed_mid_message_is_an_error_not_a_hang(tmp_path):
+    """Device-decode messages carry JPEG bytes (MBs): a worker killed half-way through one."""
+    import os
+    import signal
+    import time
+
+    import cv2
+    import webdataset as wds
+
+    out = write_shards(tmp_path / "s", {"train": [1]}, size=32)
+    rng = np.random.default_rng(0)
+    with wds.TarWriter(str(out / "train-000000.tar")) as w:  # noise JPEGs: ~0.5 MB each
+        for i in range(24):
+            img = cv2.imencode(".jpg", rng.integers(0, 255, (512, 512, 3), np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 98])[1]
+            w.write({"__key__": f"k{i}", "image.jpg": img.tobytes(), "mask.png": sample_bytes(i, 32)[1]})
+    stream = ShardStream([str(out / "train-000000.tar")], [24], batch_size=4, image_size=32, train=True,
+                         num_workers=1, device_decode=True)
+    loader = Loader(stream, pin_memory=False)
+    it = iter(loader.epoch(0))
+    assert len(next(it)["jpeg"][0]) > 100_000
+    time.sleep(1.0)  # the worker is now blocked half-way through sending a 2 MB message
+    os.kill(loader._procs[0].pid, signal.SIGKILL)
+    with pytest.raises(UserError, match="worker 0 died.*-9"):
+        for _ in range(10):
+            next(it)
+    loader.close()
 
 
 def test_a_killed_worker_is_an_error_not_a_hang(shards):
@@ -259,9 +306,28 @@ def test_a_corrupt_image_in_a_worker_is_a_user_error(tmp_path):
 def test_too_little_shared_memory_is_a_user_error_up_front(tmp_path):
     from segdist.stream import check_shared_memory
 
+    import shutil
+
+    free = shutil.disk_usage(tmp_path).free
     check_shared_memory(1024, str(tmp_path))
     with pytest.raises(UserError, match="data.prefetch.*shm-size"):
         check_shared_memory(2**62, str(tmp_path))
+    check_shared_memory(free // 3, str(tmp_path), ranks=2)
+    with pytest.raises(UserError, match="8 processes on this node"):  # every rank on a node allocates its own
+        check_shared_memory(free // 3, str(tmp_path), ranks=8)
+
+
+def test_an_epoch_cannot_be_read_after_a_later_one(shards):
+    with Loader(train_stream(shards, 2), end_epoch=3, pin_memory=False) as loader:
+        first, second = loader.epoch(1), loader.epoch(2)
+        assert len(list(second)) == len(second)
+        with pytest.raises(ValueError, match="after epoch 2"):
+            next(iter(first))
+    loader = Loader(train_stream(shards, 2), pin_memory=False)
+    batches = loader.epoch(0)
+    loader.close()
+    with pytest.raises(ValueError, match="closed"):
+        next(iter(batches))
 
 
 def test_pipe_command_shards_equal_local(shards):
@@ -346,3 +412,20 @@ os.kill(os.getpid(), signal.SIGKILL)
     while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(alive(pid) for pid in pids)
+
+
+def test_decode_without_opencv_rgb_flag_gives_the_same_pixels(monkeypatch):
+    """OpenCV < 4.10 has no IMREAD_COLOR_RGB: the BGR path must give identical output."""
+    import cv2
+
+    import segdist.stream as stream
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 255, (300, 200, 3), np.uint8)
+    blobs = [cv2.imencode(".jpg", img)[1].tobytes(), cv2.imencode(".png", img)[1].tobytes()]
+    with_flag = [stream.decode_image(b, 64) for b in blobs] + [stream.decode_image(blobs[0], 128)]
+    monkeypatch.setattr(stream, "_RGB", None)
+    out = np.zeros((64, 64, 3), np.uint8)
+    without = [stream.decode_image(b, 64) for b in blobs] + [stream.decode_image(blobs[0], 128)]
+    assert all(np.array_equal(a, b) for a, b in zip(with_flag, without))
+    assert stream.decode_image(blobs[1], 64, out=out) is out and np.array_equal(out, with_flag[1])
