@@ -35,7 +35,8 @@ class DataConfig:
     num_workers: int = 2
     """Decode processes per device; they live for the whole run (0 = decode in the training process)."""
     prefetch: int = 4
-    """Batches each worker may hold ready, in shared memory (/dev/shm): workers x prefetch x batch size."""
+    """Messages each worker may have ready (batches in shared memory, /dev/shm: workers x prefetch x batch
+    size; an end-of-epoch marker also takes one until it is read)."""
     shuffle_buffer: int = 128
     """Samples held in the in-worker shuffle buffer (encoded bytes, cheap)."""
     reduced_decode: bool = True

@@ -38,6 +38,7 @@ import itertools
 import math
 import os
 import struct
+import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -427,6 +428,7 @@ def _worker_loop(stream: ShardStream, w: int, start_epoch: int, end_epoch: int |
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a forked copy of the trainer's graceful-stop handler
     for c in inherited:
         c.close()
     torch.set_num_threads(1)
@@ -504,6 +506,9 @@ def check_shared_memory(need: int, path: str = "/dev/shm", ranks: int = 1) -> No
             f"or give the container more (docker run --shm-size=8g)")
 
 
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # loaders with running workers (their pipe ends, for forks)
+
+
 class Loader:
     """One rank's batches over consecutive epochs; the worker processes live across all of them.
 
@@ -525,9 +530,12 @@ class Loader:
         self.prefetch = max(prefetch, 1)
         # fork: no re-import and workers share torch's pages; spawn where fork does not exist
         self.start_method = start_method or ("fork" if os.name == "posix" else "spawn")
+        if self.start_method not in ("fork", "spawn"):  # workers watch their parent: forkserver breaks that
+            raise ValueError(f"start_method must be 'fork' or 'spawn', not {self.start_method!r}")
         self._next_epoch = start_epoch
         self._reading = start_epoch  # the epoch the workers' messages are being read for
         self._procs: list = []
+        self._readers: list = []
         self._finalizer = None
         self._closed = False
 
@@ -553,8 +561,6 @@ class Loader:
 
     # -- internals
     def _start(self) -> None:
-        import weakref
-
         s = self.stream
         nwk, b, px = s.workers, s.batch_size, s.image_size
         ctx = torch.multiprocessing.get_context(self.start_method)
@@ -570,16 +576,25 @@ class Loader:
         # before any start: a failure half-way still stops the workers already running
         self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._stop, self._readers)
         fork = self.start_method == "fork"
-        for w in range(nwk):
-            # a forked child gets copies of every pipe end; it closes all but its own write end
-            inherited = [c for k, (r, wr) in enumerate(pipes) for c in (r, wr) if fork and (k != w or c is r)]
-            p = ctx.Process(target=_worker_loop, daemon=True,
-                            args=(s, w, self.start_epoch, self.end_epoch, self.start_batch, self._images,
-                                  self._masks, self._free[w], pipes[w][1], self._stop, os.getpid(), inherited))
-            p.start()
-            self._procs.append(p)
-        for _, wr in pipes:
-            wr.close()  # only the workers hold write ends now: a dead one reads as end-of-file
+        # A forked child gets copies of every open pipe end, also those of other live loaders (a
+        # val loader forks while the train loader runs); it closes all but its own write end.
+        others = [r for loader in _LIVE if loader is not self for r in loader._readers if not r.closed] if fork else []
+        try:
+            for w in range(nwk):
+                inherited = [c for k, (r, wr) in enumerate(pipes) for c in (r, wr) if fork and (k != w or c is r)]
+                p = ctx.Process(target=_worker_loop, daemon=True,
+                                args=(s, w, self.start_epoch, self.end_epoch, self.start_batch, self._images,
+                                      self._masks, self._free[w], pipes[w][1], self._stop, os.getpid(),
+                                      inherited + others))
+                p.start()
+                self._procs.append(p)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            for _, wr in pipes:
+                wr.close()  # only the workers hold write ends now: a dead one reads as end-of-file
+        _LIVE.add(self)
 
     def _died(self, w: int) -> UserError:
         p = self._procs[w]
@@ -593,6 +608,8 @@ class Loader:
         while True:
             if self._closed:
                 raise ValueError("this Loader is closed")
+            if epoch != self._reading:  # checked before reading: a stale iterator must not eat a batch
+                raise ValueError(f"this iterator of epoch {epoch} is stale: epoch {self._reading} is being read")
             if not conn.poll(2.0):  # readable also at end-of-file, so a dead worker shows up here
                 if not self._procs[w].is_alive() and not conn.poll(0):
                     raise self._died(w)
@@ -615,13 +632,17 @@ class Loader:
             if e < epoch:  # a batch of an epoch the caller left early
                 self._free[w].release()
                 continue
-            image = torch.empty((n, *self._images.shape[3:]), dtype=torch.uint8, pin_memory=self.pin_memory)
-            mask = torch.empty((n, *self._masks.shape[3:]), dtype=torch.uint8, pin_memory=self.pin_memory)
-            # numpy's copy, not torch's: torch parallelises it over OpenMP threads whose spin-waits
-            # took ~0.6 of a core from the decoders here (measured, 2 cores).
-            np.copyto(image.numpy(), self._ring_images[w, slot, :n])
-            np.copyto(mask.numpy(), self._ring_masks[w, slot, :n])
-            self._free[w].release()
+            if e > epoch:  # cannot happen while epochs are read in order (checked above)
+                raise RuntimeError(f"worker {w} sent epoch {e} while epoch {epoch} was read")
+            try:
+                image = torch.empty((n, *self._images.shape[3:]), dtype=torch.uint8, pin_memory=self.pin_memory)
+                mask = torch.empty((n, *self._masks.shape[3:]), dtype=torch.uint8, pin_memory=self.pin_memory)
+                # numpy's copy, not torch's: torch parallelises it over OpenMP threads whose spin-waits
+                # took ~0.6 of a core from the decoders here (measured, 2 cores).
+                np.copyto(image.numpy(), self._ring_images[w, slot, :n])
+                np.copyto(mask.numpy(), self._ring_masks[w, slot, :n])
+            finally:
+                self._free[w].release()  # even when interrupted: a lost permit would stall the worker
             return _to_batch(image, mask, keys, extra)
 
     def _iter(self, epoch: int, start: int) -> Iterator[dict]:

@@ -323,6 +323,16 @@ def test_an_epoch_cannot_be_read_after_a_later_one(shards):
         assert len(list(second)) == len(second)
         with pytest.raises(ValueError, match="after epoch 2"):
             next(iter(first))
+    with Loader(train_stream(shards, 2), end_epoch=2, pin_memory=False) as loader:
+        want = [b["key"] for b in Loader(train_stream(shards, 2), start_epoch=1, end_epoch=2,
+                                         pin_memory=False).epoch(1)]
+        stale = iter(loader.epoch(0))
+        next(stale)
+        fresh = iter(loader.epoch(1))
+        got = [next(fresh)["key"]]
+        with pytest.raises(ValueError, match="stale"):  # and it must not eat one of epoch 1's batches
+            next(stale)
+        assert got + [b["key"] for b in fresh] == want
     loader = Loader(train_stream(shards, 2), pin_memory=False)
     batches = loader.epoch(0)
     loader.close()
@@ -429,3 +439,60 @@ def test_decode_without_opencv_rgb_flag_gives_the_same_pixels(monkeypatch):
     without = [stream.decode_image(b, 64) for b in blobs] + [stream.decode_image(blobs[0], 128)]
     assert all(np.array_equal(a, b) for a, b in zip(with_flag, without))
     assert stream.decode_image(blobs[1], 64, out=out) is out and np.array_equal(out, with_flag[1])
+
+
+
+def test_a_val_loader_forked_beside_a_train_loader_does_not_pin_its_pipes(shards):
+    """Workers of a second loader close the first loader's pipe ends, so closing the first stays prompt."""
+    import time
+
+    train = Loader(train_stream(shards, 2, device_decode=False), pin_memory=False, prefetch=1)
+    next(iter(train.epoch(0)))
+    import psutil
+
+    before = {c.pid for c in psutil.Process().children()}
+    urls, sizes = resolve_shards(str(shards), "val")
+    val = iter(make_loader(urls, sizes, batch_size=2, image_size=32, train=False, num_workers=2, pin_memory=False))
+    next(val), next(val)  # one batch from each val worker: both forked while the train loader ran, both started
+    val_workers = [c for c in psutil.Process().children() if c.pid not in before]
+    import os
+
+    def pipes_of(pid):  # the pipes (by inode) a process holds an end of
+        fd_dir = f"/proc/{pid}/fd"
+        return {t for t in (os.readlink(f"{fd_dir}/{n}") for n in os.listdir(fd_dir)) if t.startswith("pipe:")}
+
+    train_pipes = {os.readlink(f"/proc/self/fd/{r.fileno()}") for r in train._readers}
+    assert len(val_workers) == 2 and len(train_pipes) == 2
+    for c in val_workers:
+        assert not (train_pipes & pipes_of(c.pid)), "a val worker holds a train loader pipe"
+    procs = list(train._procs)
+    t0 = time.monotonic()
+    train.close()
+    assert time.monotonic() - t0 < 3 and [p.exitcode for p in procs] == [0, 0]
+    del val
+
+
+def test_start_method_must_be_fork_or_spawn(shards):
+    with pytest.raises(ValueError, match="fork' or 'spawn"):
+        Loader(train_stream(shards, 1), start_method="forkserver")
+
+
+def test_workers_do_not_inherit_a_sigterm_handler(shards):
+    """A trainer's graceful-stop SIGTERM handler must not make its decoders unkillable by terminate()."""
+    import os
+    import signal
+    import time
+
+    old = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        loader = Loader(train_stream(shards, 2), pin_memory=False, prefetch=1)
+        next(iter(loader.epoch(0)))
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    p = loader._procs[0]
+    os.kill(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while p.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert p.exitcode == -signal.SIGTERM
+    loader.close()
