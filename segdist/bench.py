@@ -529,39 +529,37 @@ def format_decode_table(r: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
+def _source_args(parser, min_seconds: float, what: str) -> None:
+    """The options both benches share: which samples, at what size, for how long, printed how."""
+    parser.add_argument("--shards", help=f"shard folder to {what} (default: build one from --source into a temp dir)")
+    parser.add_argument("--source", default=DEFAULT_SOURCE,
+                        help=f"folder with train.csv (images,masks columns) or the CSV (default {DEFAULT_SOURCE})")
+    parser.add_argument("--split", default="train", help="shard split to use (default train)")
+    parser.add_argument("--size", type=int, default=320, help="output side in pixels (default 320)")
+    parser.add_argument("--max-side", type=int, default=0,
+                        help="when building shards: downscale so the longer side is <= N (0 = keep originals)")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N rows of the CSV (0 = all)")
+    parser.add_argument("--min-seconds", type=float, default=min_seconds,
+                        help=f"measure each candidate at least this long (default {min_seconds:g})")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
 def add_cli(sub) -> None:
-    """Register ``segdist bench data`` on an argparse sub-parsers object."""
+    """Register ``segdist bench data`` and ``segdist bench decode`` on an argparse sub-parsers object."""
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     d = bsub.add_parser("data", help="course loader vs segdist stream vs decode limit, one run",
                         description="The course loader vs the segdist stream vs the decode limit, in one run "
                                     "(see docs/benchmarks.md).")
-    d.add_argument("--shards", help="shard folder to stream (default: build one from --source into a temp dir)")
-    d.add_argument("--source", default=DEFAULT_SOURCE,
-                   help=f"folder with train.csv (images,masks columns) or the CSV (default {DEFAULT_SOURCE})")
-    d.add_argument("--split", default="train", help="shard split to stream (default train)")
-    d.add_argument("--size", type=int, default=320, help="output side in pixels (default 320)")
+    _source_args(d, 10.0, "stream")
     d.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
     d.add_argument("--workers", type=int, default=2, help="loader worker processes (default 2)")
-    d.add_argument("--max-side", type=int, default=0,
-                   help="when building shards: downscale so the longer side is <= N (0 = keep originals)")
-    d.add_argument("--limit", type=int, default=0, help="use only the first N rows of the CSV (0 = all)")
-    d.add_argument("--min-seconds", type=float, default=10.0, help="measure each loader at least this long")
     d.add_argument("--rss", action="store_true", help="also measure the stream's peak RSS with 1x and 10x shards")
-    d.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     d.set_defaults(func=_cmd_data)
     k = bsub.add_parser("decode", help="JPEG decoders compared on the same shard bytes (speed, difference)",
                         description="Single-thread speed of each JPEG decoder (+ the same resize) on the shards' "
                                     "images, and its mean difference from full-size OpenCV decoding.")
-    k.add_argument("--shards", help="shard folder (default: build one from --source into a temp dir)")
-    k.add_argument("--source", default=DEFAULT_SOURCE,
-                   help=f"folder with train.csv or the CSV (default {DEFAULT_SOURCE})")
-    k.add_argument("--split", default="train", help="shard split (default train)")
-    k.add_argument("--size", type=int, default=320, help="output side in pixels (default 320)")
-    k.add_argument("--max-side", type=int, default=0, help="when building shards: longer side <= N (0 = originals)")
-    k.add_argument("--limit", type=int, default=0, help="use only the first N rows of the CSV (0 = all)")
-    k.add_argument("--min-seconds", type=float, default=2.0, help="time each decoder at least this long")
-    k.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    _source_args(k, 2.0, "decode")
     k.set_defaults(func=_cmd_decode)
 
 
