@@ -40,7 +40,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import UserError
-from .stream import Loader, ShardStream, decode_image, decode_mask, read_samples, resolve_shards
+from .stream import (Loader, ShardStream, decode_image, decode_mask, read_samples, resize_square,
+                     resolve_shards)
 
 DEFAULT_SOURCE = "../shared/datasets/human-segmentation"
 MB = 1024 * 1024
@@ -444,11 +445,6 @@ def format_table(r: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- decoders
-def _resize_rgb(img: np.ndarray, size: int) -> np.ndarray:
-    interp = cv2.INTER_AREA if min(img.shape[:2]) >= 2 * size else cv2.INTER_LINEAR
-    return cv2.resize(img, (size, size), interpolation=interp)
-
-
 def _cv2_full(data: bytes, size: int) -> np.ndarray:
     return decode_image(data, size, reduced=False)
 
@@ -464,20 +460,20 @@ def _pil_draft(data: bytes, size: int) -> np.ndarray:
 
     im = Image.open(io.BytesIO(data))
     im.draft("RGB", (size, size))  # libjpeg DCT scaling, keeps both sides >= size
-    return _resize_rgb(np.asarray(im.convert("RGB")), size)
+    return resize_square(np.asarray(im.convert("RGB")), size)
 
 
 def _torchvision(data: bytes, size: int) -> np.ndarray:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    return _resize_rgb(img.permute(1, 2, 0).numpy(), size)
+    return resize_square(img.permute(1, 2, 0).numpy(), size)
 
 
 def _simplejpeg(data: bytes, size: int) -> np.ndarray:
     import simplejpeg
 
-    return _resize_rgb(simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size, min_width=size), size)
+    return resize_square(simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size, min_width=size), size)
 
 
 DECODERS: dict[str, Callable[[bytes, int], np.ndarray]] = {

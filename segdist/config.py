@@ -245,8 +245,8 @@ def _validate(cfg: Config) -> None:
         "train.epochs": cfg.train.epochs, "optim.accumulate": cfg.optim.accumulate,
         "train.eval_every": cfg.train.eval_every, "train.log_every": cfg.train.log_every,
         "data.shuffle_buffer": cfg.data.shuffle_buffer, "train.max_nonfinite": cfg.train.max_nonfinite,
+        "data.prefetch": cfg.data.prefetch,
     }
-    positive["data.prefetch"] = cfg.data.prefetch
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"config key '{key}' must be >= 1; got {value}")

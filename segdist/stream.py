@@ -251,21 +251,27 @@ def decode_image(data: bytes, size: int, reduced: bool = True, out: np.ndarray |
     img = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
         raise UserError("cannot decode an image in the shards; run `segdist shards verify`")
-    # Area averaging only where aliasing would show (>= 2x down); below that bilinear is 3x cheaper
-    # and what the classic loader uses too.
-    interp = cv2.INTER_AREA if min(img.shape[:2]) >= 2 * size else cv2.INTER_LINEAR
     if _RGB is None:  # OpenCV < 4.10: swap channels after the resize, on fewer pixels
-        img = cv2.cvtColor(cv2.resize(img, (size, size), interpolation=interp), cv2.COLOR_BGR2RGB)
+        img = cv2.cvtColor(resize_square(img, size), cv2.COLOR_BGR2RGB)
         if out is None:
             return img
         out[...] = img
         return out
-    if out is None:
-        return cv2.resize(img, (size, size), interpolation=interp)
-    r = cv2.resize(img, (size, size), dst=out, interpolation=interp)  # straight into the batch row
-    if r.ctypes.data != out.ctypes.data:  # OpenCV allocated instead (``out`` not contiguous)
+    return resize_square(img, size, out)
+
+
+def resize_square(img: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (H, W, C) -> (size, size, C), written straight into ``out`` (a batch row) when given.
+
+    Area averaging only where aliasing would show (>= 2x down); below that bilinear is 3x cheaper
+    and what the classic loader uses too.
+    """
+    interp = cv2.INTER_AREA if min(img.shape[:2]) >= 2 * size else cv2.INTER_LINEAR
+    r = cv2.resize(img, (size, size), dst=out, interpolation=interp)
+    if out is not None and r.ctypes.data != out.ctypes.data:  # OpenCV allocated instead (``out`` not contiguous)
         out[...] = r
-    return out
+        return out
+    return r
 
 
 def decode_mask(data: bytes, size: int) -> np.ndarray:
