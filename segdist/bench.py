@@ -40,8 +40,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import UserError
-from .stream import (Loader, ShardStream, decode_image, decode_mask, read_samples, resize_square,
-                     resolve_shards)
+from .decode import decode_image, decode_mask, resize_square
+from .loader import Loader
+from .stream import ShardStream, read_samples, resolve_shards
 
 DEFAULT_SOURCE = "../shared/datasets/human-segmentation"
 MB = 1024 * 1024
@@ -207,7 +208,7 @@ def course_loader(rows: list[tuple[str, str]], size: int, batch: int, workers: i
     import albumentations as A
 
     # is_check_shapes=False: 198 of the 290 masks are stored smaller than their image; Resize fixes both.
-    # Workers inherit cv2.setNumThreads(1) from segdist.stream's import; on 2 cores the course measured
+    # Workers inherit cv2.setNumThreads(1) from segdist.decode's import; on 2 cores the course measured
     # the same with OpenCV's default threads (~415-420 img/s either way), so this costs it nothing.
     augs = A.Compose([A.Resize(size, size), A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)],
                      is_check_shapes=False)

@@ -28,7 +28,9 @@ from .losses import create_loss
 from .metrics import SegCounts, logits_to_pred
 from .models import create_model, load_model
 from .optim import create_optimizer, create_scheduler
-from .stream import Loader, ShardStream, batches_per_epoch, make_loader, resolve_shards, to_device
+from .decode import to_device
+from .loader import Loader, make_loader
+from .stream import ShardStream, batches_per_epoch, resolve_shards
 from .track import RunLog, init_trackers, overlay_grid, plot_curves, tracker_names
 
 

@@ -20,3 +20,11 @@ def require_dataset(path: Path) -> Path:
             pytest.fail(f"dataset {path} is missing under CI (../shared/datasets must be present)")
         pytest.skip(f"dataset {path} not present")
     return path
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """A small shard set (train and val: shards of 7, 5, 2 samples; 32 px) from tests/shardutil.py."""
+    from tests.shardutil import UNEVEN, write_shards
+
+    return write_shards(tmp_path_factory.mktemp("shards"), {"train": UNEVEN, "val": UNEVEN}, size=32)

@@ -47,3 +47,22 @@ def write_shards(out: Path, splits: dict[str, list[int]], size: int = 32, ext: s
         manifest["splits"][split] = {"samples": sum(sizes), "shards": shards}
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
+
+
+UNEVEN = [7, 5, 2]
+"""Samples per shard of the standard test shard set: uneven on purpose (ranks must still agree)."""
+
+
+def keys_of(loader) -> list[str]:
+    return [k for b in loader for k in b["key"]]
+
+
+def rank_loader(shards, rank, world, workers, train, **kw):
+    """One epoch of one rank's batches from the test shard set (32 px, batch 2)."""
+    from segdist.loader import make_loader
+    from segdist.stream import resolve_shards
+
+    urls, sizes = resolve_shards(str(shards), "train" if train else "val")
+    return make_loader(urls, sizes, batch_size=kw.pop("batch_size", 2), image_size=32, train=train,
+                       num_workers=workers, rank=rank, world_size=world, seed=kw.pop("seed", 0),
+                       pin_memory=False, **kw)

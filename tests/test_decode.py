@@ -1,0 +1,79 @@
+"""segdist.decode: JPEG headers, reduced decode, the BGR fallback, on-device decode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segdist.loader import make_loader
+from segdist.stream import resolve_shards
+from tests.shardutil import write_shards
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device,workers", [(d, w) for d in DEVICES for w in (0, 2)])
+def test_device_jpeg_decode_matches_cpu_decode(tmp_path, device, workers):
+    from segdist.decode import to_device
+
+    jpg = write_shards(tmp_path, {"val": [6]}, size=96, ext="jpg")
+    urls, sizes = resolve_shards(str(jpg), "val")
+    kw = dict(batch_size=3, image_size=64, train=False, pin_memory=False, num_workers=workers)
+    on_cpu = list(make_loader(urls, sizes, **kw))
+    on_dev = list(make_loader(urls, sizes, device_decode=True, **kw))
+    assert all(b["jpeg"] and all(j is not None for j in b["jpeg"]) for b in on_dev)
+    for a, b in zip(on_cpu, on_dev):
+        ia, ma = to_device(a, device)
+        ib, mb = to_device(b, device)
+        assert ib.dtype == torch.uint8 and ib.shape == ia.shape and ib.device.type == device
+        assert torch.equal(ma, mb)
+        # different decoders and resamplers: close, not equal
+        assert (ia.float() - ib.float()).abs().mean() < 4.0
+
+
+# ------------------------------------------------------------------ the persistent loader
+
+
+def test_jpeg_size_reads_the_frame_header_like_pil(tmp_path):
+    import io
+
+    import cv2
+    from PIL import Image
+
+    from segdist.decode import jpeg_size
+    from tests.conftest import HUMAN_SEG, require_dataset
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (37, 53, 3), np.uint8)
+    variants = [cv2.imencode(".jpg", img)[1].tobytes(),
+                cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()]
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: an APP1 segment before the frame header
+    Image.fromarray(img).save(buf, "JPEG", exif=exif, icc_profile=b"\0" * 3000)
+    variants.append(buf.getvalue())
+    photos = sorted(require_dataset(HUMAN_SEG).rglob("*.jpg"))[::10]
+    variants += [p.read_bytes() for p in photos]
+    for data in variants:
+        assert jpeg_size(data) == Image.open(io.BytesIO(data)).size
+    assert len(variants) > 20
+    for broken in (b"\xff\xd8", b"\xff\xd8\xff\xe0\x00", b"\xff\xd8garbage", variants[0][:20]):
+        assert jpeg_size(broken) is None
+
+
+def test_decode_without_opencv_rgb_flag_gives_the_same_pixels(monkeypatch):
+    """OpenCV < 4.10 has no IMREAD_COLOR_RGB: the BGR path must give identical output."""
+    import cv2
+
+    import segdist.decode as stream
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 255, (300, 200, 3), np.uint8)
+    blobs = [cv2.imencode(".jpg", img)[1].tobytes(), cv2.imencode(".png", img)[1].tobytes()]
+    with_flag = [stream.decode_image(b, 64) for b in blobs] + [stream.decode_image(blobs[0], 128)]
+    monkeypatch.setattr(stream, "_RGB", None)
+    out = np.zeros((64, 64, 3), np.uint8)
+    without = [stream.decode_image(b, 64) for b in blobs] + [stream.decode_image(blobs[0], 128)]
+    assert all(np.array_equal(a, b) for a, b in zip(with_flag, without))
+    assert stream.decode_image(blobs[1], 64, out=out) is out and np.array_equal(out, with_flag[1])
