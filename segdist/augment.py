@@ -24,7 +24,7 @@ import kornia.augmentation as K
 import torch
 
 from . import IGNORE_INDEX
-from .config import AugmentConfig
+from .config import AugmentConfig, check_section
 from .errors import UserError
 
 NOISE_STD = 0.03
@@ -143,25 +143,6 @@ def build_ops(cfg: AugmentConfig, channels: int, size: tuple[int, int]) -> list:
     return [op for build in OPS.values() if (op := build(cfg, channels, size)) is not None]
 
 
-def _check(cfg: AugmentConfig) -> None:
-    for key in ("hflip", "vflip", "crop_p", "affine_p", "color_p", "blur_p", "noise_p"):
-        if not 0 <= getattr(cfg, key) <= 1:
-            raise UserError(f"config key 'augment.{key}' is a probability and must be in [0, 1]; "
-                            f"got {getattr(cfg, key)}")
-    if not 0 <= cfg.color_jitter < 2:
-        raise UserError(f"config key 'augment.color_jitter' must be in [0, 2) (hue gets a quarter of it "
-                        f"and must stay below 0.5); got {cfg.color_jitter}")
-    if cfg.rotate < 0:
-        raise UserError(f"config key 'augment.rotate' is a max angle in degrees and must be >= 0; "
-                        f"got {cfg.rotate}")
-    if len(cfg.crop_scale) != 2 or not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
-        raise UserError(f"config key 'augment.crop_scale' must be [min, max] with 0 < min <= max <= 1; "
-                        f"got {cfg.crop_scale}")
-    if not cfg.mean or len(cfg.mean) != len(cfg.std) or any(s <= 0 for s in cfg.std):
-        raise UserError(f"config keys 'augment.mean'/'augment.std' need the same number of values "
-                        f"and std > 0; got mean={cfg.mean} std={cfg.std}")
-
-
 # ------------------------------------------------------------------------------------------
 class DeviceAugment(torch.nn.Module):
     """uint8 batch -> (normalised float32 image, int64 mask), randomly augmented when training.
@@ -178,7 +159,7 @@ class DeviceAugment(torch.nn.Module):
 
     def __init__(self, cfg: AugmentConfig, train: bool):
         super().__init__()
-        _check(cfg)
+        check_section("augment", cfg)
         self.cfg = cfg
         self.random = bool(train and cfg.enabled)
         self._pipelines: dict[tuple[int, int, int], K.AugmentationSequential | None] = {}

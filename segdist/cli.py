@@ -114,18 +114,6 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def wandb_logged_in() -> bool:
-    """An API key in the environment or in ~/.netrc (what `wandb login` writes)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    import netrc
-
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segdist", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if not wandb_logged_in():
-        os.environ.setdefault("WANDB_MODE", "offline")  # no account needed; `wandb sync` uploads later
+    from .track import default_wandb_mode
+
+    default_wandb_mode()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -228,44 +229,95 @@ def _set(cfg: Config, key: str, value) -> None:
     setattr(section, leaf, _coerce(f"{sec}.{leaf}", value, typ))
 
 
+@dataclass(frozen=True)
+class Range:
+    """Valid values of a numeric key: ``lo <= v <= hi`` (``<`` where open); None = unbounded."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""
+
+    def holds(self, v: float) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        lo_ok = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
+        hi_ok = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        return lo_ok and hi_ok
+
+    def __str__(self) -> str:
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        return f"{'(' if self.lo_open or self.lo is None else '['}{lo}, {hi}{')' if self.hi_open or self.hi is None else ']'}"
+
+
+_P = Range(0, 1, why="a probability")
+_COUNT, _POSITIVE = Range(0), Range(1)
+BOUNDS: dict[str, Range] = {
+    "data.image_size": Range(32), "data.batch_size": _POSITIVE, "data.val_batch_size": Range(0, why="0 = batch_size"),
+    "data.num_workers": _COUNT, "data.prefetch": _POSITIVE, "data.shuffle_buffer": _POSITIVE,
+    "augment.hflip": _P, "augment.vflip": _P, "augment.crop_p": _P, "augment.affine_p": _P,
+    "augment.color_p": _P, "augment.blur_p": _P, "augment.noise_p": _P,
+    "augment.crop_scale": Range(0, 1, lo_open=True, why="an area fraction"),
+    "augment.rotate": Range(0, 180, why="a max angle in degrees"),
+    "augment.color_jitter": Range(0, 2, hi_open=True, why="hue gets a quarter of it and must stay below 0.5"),
+    "augment.mean": Range(), "augment.std": Range(0, lo_open=True),
+    "model.num_classes": Range(0, why="0 = from the manifest"),
+    "loss.dice_weight": Range(0), "loss.ce_weight": Range(0),
+    "optim.lr": Range(0, lo_open=True), "optim.encoder_lr": Range(0, why="0 = lr"), "optim.weight_decay": Range(0),
+    "optim.momentum": Range(0, 1, hi_open=True), "optim.warmup_steps": _COUNT, "optim.grad_clip": Range(0, why="0 = off"),
+    "optim.accumulate": _POSITIVE, "optim.ema": Range(0, 1, hi_open=True, why="a decay; 0 = off"),
+    "train.epochs": _POSITIVE, "train.seed": _COUNT, "train.eval_every": _POSITIVE, "train.log_every": _POSITIVE,
+    "train.checkpoint_every": Range(0, why="0 = epoch ends only"), "train.keep_last": Range(0, why="0 = keep all"),
+    "train.max_nonfinite": _POSITIVE, "train.overlays": _COUNT,
+}
+"""Every numeric key's range (a test checks none is missing); NaN and inf are never valid."""
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """Allowed values of the keys that name a registered thing: the registries' own keys."""
+    from .losses import LOSSES  # lazy: torch and SMP are only needed once a config is validated
+    from .optim import OPTIMIZERS, SCHEDULERS
+
+    return {"train.mixed_precision": ("auto", "no", "fp16", "bf16"), "optim.name": tuple(OPTIMIZERS),
+            "optim.scheduler": tuple(SCHEDULERS), "track.backend": ("wandb", "tensorboard", "none"),
+            "data.decode": ("cpu", "device"), "loss.name": ("auto", *LOSSES)}
+
+
+def check_section(name: str, section) -> None:
+    """Range-check one section (``"augment"``, ``cfg.augment``); used by :func:`load_config` and
+    by modules that take a section built in code (``DeviceAugment(AugmentConfig(...))``)."""
+    for key, rng in BOUNDS.items():
+        sec, _, leaf = key.partition(".")
+        if sec != name:
+            continue
+        value = getattr(section, leaf)
+        for v in value if isinstance(value, list) else [value]:
+            if not rng.holds(v):
+                why = f" ({rng.why})" if rng.why else ""
+                raise UserError(f"config key '{key}' must be in {rng}{why}; got {value}")
+    if name == "augment":
+        lo, hi = (section.crop_scale + [0, 0])[:2]
+        if len(section.crop_scale) != 2 or lo > hi:
+            raise UserError(f"config key 'augment.crop_scale' must be [min, max] with 0 < min <= max <= 1; "
+                            f"got {section.crop_scale}")
+        if not section.mean or len(section.mean) != len(section.std):
+            raise UserError(f"config keys 'augment.mean'/'augment.std' need the same number of values; "
+                            f"got mean={section.mean} std={section.std}")
+    if name == "data" and section.image_size % 32:
+        raise UserError(f"config key 'data.image_size' must be a multiple of 32 (the encoder downsamples 5 "
+                        f"times); got {section.image_size}")
+
+
 def _validate(cfg: Config) -> None:
-    choices = {
-        "train.mixed_precision": (cfg.train.mixed_precision, ("auto", "no", "fp16", "bf16")),
-        "optim.name": (cfg.optim.name, ("adamw", "adam", "sgd")),
-        "optim.scheduler": (cfg.optim.scheduler, ("cosine", "poly", "onecycle", "constant")),
-        "track.backend": (cfg.track.backend, ("wandb", "tensorboard", "none")),
-        "data.decode": (cfg.data.decode, ("cpu", "device")),
-        "loss.name": (cfg.loss.name, ("auto", "dice_bce", "dice_ce", "bce", "ce", "dice")),
-    }
-    for key, (value, allowed) in choices.items():
+    for key, allowed in choices().items():
+        sec, _, leaf = key.partition(".")
+        value = getattr(getattr(cfg, sec), leaf)
         if value not in allowed:
             raise UserError(f"config key '{key}' must be one of {', '.join(allowed)}; got '{value}'")
-    positive = {
-        "data.image_size": cfg.data.image_size, "data.batch_size": cfg.data.batch_size,
-        "train.epochs": cfg.train.epochs, "optim.accumulate": cfg.optim.accumulate,
-        "train.eval_every": cfg.train.eval_every, "train.log_every": cfg.train.log_every,
-        "data.shuffle_buffer": cfg.data.shuffle_buffer, "train.max_nonfinite": cfg.train.max_nonfinite,
-        "data.prefetch": cfg.data.prefetch,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise UserError(f"config key '{key}' must be >= 1; got {value}")
-    if cfg.data.image_size % 32:
-        raise UserError(
-            f"config key 'data.image_size' must be a multiple of 32 (the encoder downsamples 5 times); "
-            f"got {cfg.data.image_size}"
-        )
-    non_negative = {"data.num_workers": cfg.data.num_workers, "data.val_batch_size": cfg.data.val_batch_size,
-                    "train.checkpoint_every": cfg.train.checkpoint_every, "train.keep_last": cfg.train.keep_last,
-                    "model.num_classes": cfg.model.num_classes, "train.overlays": cfg.train.overlays,
-                    "optim.warmup_steps": cfg.optim.warmup_steps}
-    for key, value in non_negative.items():
-        if value < 0:
-            raise UserError(f"config key '{key}' must be >= 0; got {value}")
-    lo, hi = (cfg.augment.crop_scale + [0, 0])[:2]
-    if len(cfg.augment.crop_scale) != 2 or not 0 < lo <= hi <= 1:
-        raise UserError(f"config key 'augment.crop_scale' must be [min, max] with 0 < min <= max <= 1; "
-                        f"got {cfg.augment.crop_scale}")
+    for name in _fields(Config):
+        check_section(name, getattr(cfg, name))
 
 
 def _parse_override(text: str) -> tuple[str, object]:

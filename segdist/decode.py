@@ -54,11 +54,14 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def decode_image(data: bytes, size: int, reduced: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+def decode_image(data: bytes, size: int, reduced: bool = True, out: np.ndarray | None = None,
+                 orient: bool = False) -> np.ndarray:
     """JPEG/PNG bytes -> uint8 (size, size, 3) RGB (written into ``out`` when given).
 
     With ``reduced``, libjpeg decodes JPEGs at 1/2, 1/4 or 1/8 scale when the result is still at
     least ``size`` on its short side: fewer pixels decoded, same area-resized output quality.
+    ``orient`` applies EXIF orientation: shards have it applied at build time, user files
+    (``segdist predict``) do not.
     """
     flag = cv2.IMREAD_COLOR
     if reduced and data[:2] == b"\xff\xd8":
@@ -67,8 +70,9 @@ def decode_image(data: bytes, size: int, reduced: bool = True, out: np.ndarray |
             flag = next((f for factor, f in _REDUCED if min(wh) // factor >= size), flag)
     if _RGB is not None:
         flag = (flag & ~cv2.IMREAD_COLOR) | _RGB
-    # shards already have EXIF orientation applied
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
+    if not orient:
+        flag |= cv2.IMREAD_IGNORE_ORIENTATION
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     if img is None:
         raise UserError("cannot decode an image in the shards; run `segdist shards verify`")
     if _RGB is None:  # OpenCV < 4.10: swap channels after the resize, on fewer pixels

@@ -5,26 +5,28 @@ synth -> shards build -> shards verify -> train (configs/demo.yaml) -> eval -> p
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from .config import load_config
+from .errors import UserError
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def run_demo(workdir: str = "runs", overrides: list[str] | tuple = ()) -> dict:
-    from .cli import main as segdist  # the same commands a user types, in one process
-
     t0 = time.perf_counter()
     work = Path(workdir)
     data, shards = work / "demo-data", work / "demo-shards"
     cfg = load_config(DEMO_CONFIG, [f"data.shards={shards}", f"train.out_dir={work}", *overrides])
 
     def step(title: str, argv: list[str]) -> None:
+        # The same commands a user types, as `python -m segdist ...` processes.
         print(f"\n== {title}: segdist {' '.join(argv)}", flush=True)
-        if segdist(argv) != 0:
-            raise SystemExit(f"demo step failed: {title}")
+        if subprocess.run([sys.executable, "-m", "segdist", *argv]).returncode != 0:
+            raise UserError(f"demo step {title!r} failed (its message is above)")
 
     step("1/5 synthetic data", ["synth", str(data), "--n", "240", "--size", "256", "--classes", "1", "--seed", "0"])
     step("2/5 build shards", ["shards", "build", str(data), "--out", str(shards), "--samples-per-shard", "32"])

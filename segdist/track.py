@@ -25,6 +25,24 @@ def colors(num_classes: int) -> np.ndarray:
     return np.concatenate([PALETTE, extra])[:max(num_classes, 1)]
 
 
+def wandb_logged_in() -> bool:
+    """An API key in the environment or in ~/.netrc (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def default_wandb_mode() -> None:
+    """W&B offline unless the user logged in or set WANDB_MODE: no account needed, `wandb sync` later."""
+    if not wandb_logged_in():
+        os.environ.setdefault("WANDB_MODE", "offline")
+
+
 def tracker_names(cfg: Config) -> list[str]:
     return [] if cfg.track.backend == "none" else [cfg.track.backend]
 
@@ -37,7 +55,7 @@ def init_trackers(accelerator, cfg: Config, run_dir: Path) -> None:
         config = {f"{sec}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
                   for sec, body in config.items() for k, v in body.items()}
     if cfg.track.backend == "wandb":
-        os.environ.setdefault("WANDB_MODE", "offline")  # no account needed; `wandb sync` later
+        default_wandb_mode()
         kw = {"wandb": {"name": cfg.train.name, "tags": cfg.track.tags, "dir": str(run_dir)}}
     accelerator.init_trackers(cfg.track.project, config=config, init_kwargs=kw)
 

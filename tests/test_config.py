@@ -74,3 +74,37 @@ def test_cli_typo_is_one_line_no_traceback(tmp_path):
     assert p.returncode == 2
     assert "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("segdist: error: unknown config key 'optim.lrr'")
+
+
+@pytest.mark.parametrize("override,key", [("optim.lr=nan", "optim.lr"), ("optim.lr=-1", "optim.lr"),
+                                          ("optim.lr=0", "optim.lr"), ("optim.weight_decay=-1", "optim.weight_decay"),
+                                          ("optim.lr=.inf", "optim.lr"), ("optim.ema=1", "optim.ema"),
+                                          ("loss.dice_weight=-0.5", "loss.dice_weight"),
+                                          ("augment.std=[0.2, 0, 0.2]", "augment.std"),
+                                          ("augment.crop_scale=[0, 1]", "augment.crop_scale")])
+def test_numeric_values_out_of_range_are_named(override, key):
+    with pytest.raises(UserError, match=f"config key '{key}' must be in"):
+        load_config(None, [override])
+
+
+def test_every_numeric_key_has_a_range():
+    """A new numeric key without a range would pass validation and crash later, inside torch."""
+    import typing
+
+    from segdist.config import BOUNDS, _fields
+
+    numeric = [f"{sec}.{k}" for sec, sf in _fields(Config).items() for k, f in _fields(sf.type).items()
+               if f.type in (int, float) or typing.get_args(f.type) in ((int,), (float,))]
+    assert sorted(numeric) == sorted(BOUNDS)
+
+
+def test_choices_are_the_registries_keys():
+    from segdist.losses import LOSSES
+    from segdist.optim import OPTIMIZERS, SCHEDULERS
+
+    with pytest.raises(UserError, match=", ".join(SCHEDULERS)):
+        load_config(None, ["optim.scheduler=linear"])
+    with pytest.raises(UserError, match=", ".join(OPTIMIZERS)):
+        load_config(None, ["optim.name=lamb"])
+    with pytest.raises(UserError, match=", ".join(LOSSES)):
+        load_config(None, ["loss.name=focal"])
