@@ -55,3 +55,13 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def shared_mode_dir(path: str | os.PathLike) -> None:
+    """Give a folder made by ``mkdtemp`` (mode 0700) the mode ``mkdir`` would: ``0o777 & ~umask``.
+
+    For output meant to be shared (datasets, shard folders) that is built in an :func:`atomic_dir`.
+    """
+    umask = os.umask(0)  # the only way to read the umask is to set it
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)

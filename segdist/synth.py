@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, shared_mode_dir
 from .errors import UserError
 
 JPEG_QUALITY = 92
@@ -43,9 +43,7 @@ def make_synthetic(out: str | os.PathLike, n: int = 240, size: int = 256, classe
     _check_args(out, n, size, classes)
     out = Path(out)
     with atomic_dir(out) as tmp:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; a dataset is meant to be shared
+        shared_mode_dir(tmp)  # a dataset is meant to be shared
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
         for i in range(n):

@@ -1,20 +1,17 @@
-"""segdist.shards: build/verify/info on real datasets, real corrupt files and real processes."""
+"""segdist.shards.build: builds of real datasets, real corrupt files and real processes; every option."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import hashlib
-import http.server
-import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tarfile
-import threading
 import time
-from functools import partial
 from pathlib import Path
 
 import cv2
@@ -25,42 +22,17 @@ from PIL import Image, ImageOps
 from segdist import shards
 from segdist.errors import UserError
 from segdist.synth import make_synthetic
+from tests.buildutil import decode, make_small_shards, read_samples, run_cli
 from tests.conftest import CLOTHING, HUMAN_SEG, REPO, require_dataset
 
 
 # ----------------------------------------------------------------------------- helpers
-def run_cli(*args, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "segdist.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=REPO, timeout=timeout)
-
-
-def read_samples(folder: Path) -> dict[str, dict[str, bytes]]:
-    """Every sample of every shard: {key: {"image.jpg"|"image.png": bytes, "mask.png": bytes}}."""
-    samples: dict[str, dict[str, bytes]] = {}
-    for tar in sorted(folder.glob("*.tar")):
-        with tarfile.open(tar) as tf:
-            for member in tf:
-                key, _, ext = member.name.partition(".")
-                samples.setdefault(key, {})[ext] = tf.extractfile(member).read()
-    return samples
-
-
-def decode(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)))
-
-
 def source_mask_01(path: Path, size: tuple[int, int]) -> np.ndarray:
     """The documented repair: nearest-neighbour resize (pixel centres) to the image size, 0/255 -> 0/1."""
     mask = np.asarray(Image.open(path))
     if mask.shape[::-1] != size:
         mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST_EXACT)
     return (mask > 0).astype(np.uint8)
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 # ----------------------------------------------------------------------------- human-segmentation
@@ -269,53 +241,10 @@ def test_on_error_fail_stops_with_a_clear_message_and_no_output(broken_dataset, 
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
-# ----------------------------------------------------------------------------- verify catches damage
+# ----------------------------------------------------------------------------- rebuilds
 @pytest.fixture(scope="module")
 def small_shards(tmp_path_factory):
-    base = tmp_path_factory.mktemp("small")
-    make_synthetic(base / "syn", n=24, size=64, seed=5)
-    out = base / "shards"
-    shards.build_shards(base / "syn", out, samples_per_shard=6, workers=1, progress=False)
-    return out
-
-
-@pytest.fixture
-def damaged(small_shards, tmp_path):
-    copy = tmp_path / "copy"
-    shutil.copytree(small_shards, copy)
-    return copy
-
-
-def test_verify_passes_on_a_clean_build(small_shards):
-    assert shards.verify_shards(small_shards, workers=1, progress=False) == []
-    m = shards.read_manifest(small_shards)
-    assert {s: v["samples"] for s, v in m["splits"].items()} == {"train": 19, "val": 5}  # round(24 * 0.2) = 5
-
-
-def test_verify_names_the_shard_with_a_flipped_byte(damaged):
-    flip_byte(damaged / "train-000001.tar", 2000)
-    problems = shards.verify_shards(damaged, workers=1, progress=False)
-    assert problems and all(p.startswith("train-000001.tar") or p.startswith("split train") for p in problems)
-    assert any("sha256" in p for p in problems)
-    result = run_cli("shards", "verify", damaged)
-    assert result.returncode == 1 and "train-000001.tar" in result.stdout and "Traceback" not in result.stderr
-
-
-def test_verify_reports_missing_and_truncated_shards(damaged):
-    (damaged / "val-000000.tar").unlink()
-    data = (damaged / "train-000000.tar").read_bytes()
-    (damaged / "train-000000.tar").write_bytes(data[: len(data) * 3 // 5])
-    problems = shards.verify_shards(damaged, workers=2, progress=False)
-    assert any(p.startswith("val-000000.tar: missing") for p in problems)
-    assert any(p.startswith("train-000000.tar") and "bytes" in p for p in problems)
-    assert any(p.startswith("train-000000.tar") and "samples" in p for p in problems)
-
-
-def test_verify_and_info_reject_a_folder_without_manifest(tmp_path):
-    with pytest.raises(UserError, match="no manifest.json"):
-        shards.verify_shards(tmp_path)
-    result = run_cli("shards", "info", tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    return make_small_shards(tmp_path_factory.mktemp("small"))
 
 
 def test_rebuild_is_byte_identical_and_replaces_the_old_build(small_shards, tmp_path):
@@ -345,14 +274,6 @@ def test_clothing_palette_masks_read_as_class_indices(tmp_path):
         np.testing.assert_array_equal(decode(files["mask.png"]), expected)
         assert files["image.jpg"] == (ds / "images" / f"{key}.jpg").read_bytes()
     assert shards.verify_shards(out, workers=1, progress=False) == []
-
-
-def test_clothing_default_split_is_803_201():
-    root = require_dataset(CLOTHING)
-    found = shards.discover(images=root / "photos", masks=root / "masks")
-    pairs, info = shards.assign_splits(found.pairs, 0.2, 42)
-    assert info["method"] == "hash"
-    assert sum(p.split == "train" for p in pairs) == 803 and sum(p.split == "val" for p in pairs) == 201
 
 
 # ----------------------------------------------------------------------------- sources and options
@@ -392,30 +313,6 @@ def test_split_folders_mask_pattern_and_nested_folders(tmp_path):
     assert {s: v["samples"] for s, v in m["splits"].items()} == {"train": 3, "val": 2}
     assert set(m["sources"]) == {"train_deep_0", "train_deep_1", "train_deep_2", "val_deep_3", "val_deep_4"}
     assert m["source"]["kind"] == "split-folders" and m["split"] == {"method": "given"}
-
-
-def test_keys_are_webdataset_safe_and_unique():
-    assert shards.sanitize_key("a/b.c d") == "a_b_c_d"
-    assert shards.sanitize_key("../../etc/passwd") == "etc_passwd"
-    assert shards.sanitize_key("__key__") == "key"
-    assert shards.sanitize_key("Ünïcödé") == "Unicode"
-    long = shards.sanitize_key("x" * 200)
-    assert len(long) <= shards.MAX_KEY_LEN and "." not in long
-    pairs = shards._pairs_from_raw([("a.b", Path("/i1"), Path("/m1"), None), ("a_b", Path("/i2"), Path("/m2"), None),
-                                    ("a/b", Path("/i3"), Path("/m3"), None)], Path("/"))
-    assert sorted(p.key for p in pairs) == ["a_b", "a_b_2", "a_b_3"]
-
-
-@pytest.mark.parametrize("orientation", range(1, 9))
-def test_orientation_matches_pil_exif_transpose(orientation):
-    array = np.arange(6 * 4 * 3, dtype=np.uint8).reshape(6, 4, 3)
-    image = Image.fromarray(array)
-    exif = image.getexif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    image.save(buf, "PNG", exif=exif)
-    expected = np.asarray(ImageOps.exif_transpose(Image.open(buf)))
-    np.testing.assert_array_equal(shards.apply_orientation(array, orientation), expected)
 
 
 def test_unknown_mask_values_error_ignore_and_skip(tmp_path):
@@ -546,27 +443,13 @@ def test_out_folder_safety(tmp_path):
         shards.build_shards(syn, tmp_path / "o", val_fraction=1.5)
 
 
-# ----------------------------------------------------------------------------- reading manifests over HTTP
-@pytest.fixture
-def http_base(small_shards):
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(small_shards))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
-
-
-def test_read_manifest_and_shard_lists_over_http_and_local(http_base, small_shards):
-    local = shards.read_manifest(small_shards)
-    assert shards.read_manifest(http_base) == local
-    names = [s["name"] for s in local["splits"]["train"]["shards"]]
-    assert shards.shard_urls(http_base, "train") == [http_base + n for n in names]
-    assert shards.shard_urls(small_shards, "train") == [str(small_shards / n) for n in names]
-    assert shards.shard_sizes(http_base, "train") == [6, 6, 6, 1]
-    with pytest.raises(UserError, match="split 'test'"):
-        shards.shard_urls(small_shards, "test")
-    with pytest.raises(UserError, match="cannot fetch"):
-        shards.read_manifest(http_base + "nowhere/")
+def test_cli_flags_are_the_build_options():
+    """`segdist shards build` passes its flags to build_shards by BuildOptions field name, with its defaults."""
+    parser = argparse.ArgumentParser()
+    shards.add_cli(parser.add_subparsers())
+    args = vars(parser.parse_args(["shards", "build", "src", "--out", "out"]))
+    defaults = shards.BuildOptions()
+    for f in dataclasses.fields(shards.BuildOptions):
+        assert f.name in args, f.name
+        if f.name != "workers":  # the CLI says 0 (CPU count), the API None (the same)
+            assert args[f.name] == getattr(defaults, f.name), f.name

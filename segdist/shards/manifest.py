@@ -1,0 +1,214 @@
+"""Read shard folders: ``manifest.json`` (local, ``file://`` or http(s)), shard URLs and sample counts.
+
+Training imports only this part of :mod:`segdist.shards`, so it imports the standard library and
+nothing else at module level (``braceexpand`` and ``webdataset`` load inside the functions that
+expand or count shard patterns).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+
+FORMAT = "segdist-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def _is_url(base: str) -> bool:
+    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", base))
+
+
+def _local(base) -> Path:
+    base = str(base)
+    if base.startswith("file://"):
+        return Path(urllib.request.url2pathname(urllib.parse.urlparse(base).path))
+    return Path(base)
+
+
+def _folder_of(base) -> str | Path:
+    """Shard folder (Path) or URL prefix (str, no trailing slash) for a folder/URL/manifest path."""
+    base = str(base)
+    if _is_url(base) and not base.startswith("file://"):
+        base = base.rstrip("/")
+        return base.rsplit("/", 1)[0] if base.endswith("/" + MANIFEST) else base
+    path = _local(base)
+    return path.parent if path.name == MANIFEST and path.is_file() else path
+
+
+def read_manifest(base) -> dict:
+    """Load and check ``manifest.json`` of a shard folder, a manifest path or an http(s) URL prefix."""
+    folder = _folder_of(base)
+    if isinstance(folder, str):
+        if not folder.startswith(("http://", "https://")):
+            raise UserError(f"unsupported shard URL {base}: use a local folder or an http(s):// URL")
+        url = f"{folder}/{MANIFEST}"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r:
+                text = r.read().decode("utf-8")
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise UserError(f"cannot fetch {url}: {getattr(e, 'reason', e)}")
+    else:
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise UserError(f"{folder} has no {MANIFEST}: build it with `segdist shards build SRC --out {folder}`")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e}")
+    return _check_manifest(text, base)
+
+
+def _check_manifest(text: str, base) -> dict:
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{base}: {MANIFEST} is not valid JSON ({e.msg})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{base}: {MANIFEST} is not a segdist shard manifest (format != {FORMAT!r})")
+    version = manifest.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise UserError(f"{base}: shard format version {version} is newer than this segdist reads ({VERSION}); "
+                        "upgrade segdist or rebuild the shards")
+    if not isinstance(manifest.get("splits"), dict):
+        raise UserError(f"{base}: {MANIFEST} has no 'splits'")
+    return manifest
+
+
+def _split_shards(base, split: str, manifest: dict | None) -> list[dict]:
+    manifest = manifest or read_manifest(base)
+    if split not in manifest["splits"]:
+        raise UserError(f"split '{split}' is not in {base} (it has: {', '.join(manifest['splits']) or 'none'})")
+    return manifest["splits"][split].get("shards", [])
+
+
+def shard_urls(base, split: str, manifest: dict | None = None) -> list[str]:
+    """Paths (local base) or URLs (http(s) base) of ``split``'s shards, in manifest order."""
+    folder = _folder_of(base)
+    shards = _split_shards(base, split, manifest)
+    if isinstance(folder, str):
+        return [f"{folder}/{s['name']}" for s in shards]
+    return [str(folder / s["name"]) for s in shards]
+
+
+def shard_sizes(base, split: str, manifest: dict | None = None) -> list[int]:
+    """Number of samples in each of ``split``'s shards, in the same order as :func:`shard_urls`."""
+    return [int(s["samples"]) for s in _split_shards(base, split, manifest)]
+
+
+# ----------------------------------------------------------------------------- patterns
+def is_pattern(spec: str) -> bool:
+    """Whether ``spec`` names shard files itself (glob, brace pattern, ``a::b`` list, one ``.tar``)."""
+    return any(c in spec for c in "*?{") or "::" in spec or spec.endswith(".tar")
+
+
+def expand_urls(spec: str) -> list[str]:
+    """Expand ``a::b``, brace patterns ``x-{000000..000009}.tar`` and local globs."""
+    import braceexpand
+
+    urls: list[str] = []
+    for part in spec.split("::"):
+        for url in braceexpand.braceexpand(part):
+            if "://" not in url and not url.startswith("pipe:") and any(c in url for c in "*?["):
+                urls.extend(sorted(glob.glob(url)))
+            else:
+                urls.append(url)
+    if not urls:
+        raise UserError(f"shard pattern '{spec}' matches no files; check the path")
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+    if missing:
+        raise UserError(f"shard file '{missing[0]}' not found ({len(missing)} missing)")
+    return urls
+
+
+def _count_samples(url: str) -> int:
+    """Samples in one tar (local path, URL or ``pipe:``): members grouped by key, as WebDataset reads them."""
+    from webdataset.tariterators import tarfile_samples
+
+    try:
+        return sum(1 for _ in tarfile_samples([{"url": url}]))
+    except Exception as e:  # noqa: BLE001 -- any I/O or tar error is the user's data or URL
+        raise UserError(f"cannot read shard '{url}': {e}; run `segdist shards verify` on it") from None
+
+
+def _manifest_beside(url: str, spec: str) -> dict:
+    """The manifest of the folder (or URL prefix) that holds shard ``url``, the first one ``spec`` matched."""
+    if url.startswith("pipe:"):
+        raise UserError(f"shard pattern '{spec}' reads through a pipe: command, so there is no {MANIFEST} beside "
+                        "it to take the task and classes from; use a shard folder or an http(s) base instead")
+    return read_manifest(url.rsplit("/", 1)[0] if "://" in url else Path(url).parent)
+
+
+# ----------------------------------------------------------------------------- read once
+ANY_SPLIT = "*"
+"""The one key of :attr:`ShardSet.splits` for a pattern spec: its shards serve every split."""
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A shard folder/URL base read once: task, classes and each split's shard URLs and sample counts.
+
+    For a folder, manifest path or http(s) base, ``splits`` holds every split of its manifest and
+    ``manifest`` the manifest itself. For a pattern spec ``manifest`` is None and ``splits`` holds
+    one entry, :data:`ANY_SPLIT`: the same shards serve whatever split is asked for.
+    """
+
+    spec: str
+    task: str  # manifest["task"]: "binary" | "multiclass"
+    num_classes: int
+    class_names: list[str]
+    splits: dict[str, tuple[list[str], list[int]]]  # split -> (shard URLs, samples per shard)
+    manifest: dict | None
+
+    def split(self, name: str) -> tuple[list[str], list[int]]:
+        """(shard URLs, samples per shard) of split ``name``; UserError naming the splits there are."""
+        if self.manifest is None:
+            return self.splits[ANY_SPLIT]
+        if name not in self.splits:
+            raise UserError(f"shards '{self.spec}' have no '{name}' split "
+                            f"(have: {', '.join(self.splits) or 'none'})")
+        return self.splits[name]
+
+    def shards(self, name: str) -> list[dict]:
+        """The manifest's entries (name, samples, bytes, sha256) of split ``name``'s shards; [] for a pattern."""
+        if self.manifest is None:
+            return []
+        self.split(name)
+        return self.manifest["splits"][name].get("shards", [])
+
+
+def open_shards(spec: str) -> ShardSet:
+    """Read shard spec ``spec`` (``data.shards``) once into a :class:`ShardSet`.
+
+    * A shard folder, a ``manifest.json`` path or an http(s) base: ``manifest.json`` is read
+      once (one GET for a URL); URLs and counts of every split come from it.
+    * A pattern (see :func:`is_pattern`): its files come from :func:`expand_urls` and their
+      sample counts from one pass over each tar. Task and classes come from the
+      ``manifest.json`` in the folder (or URL prefix) of the first matched file; where there is
+      none, this raises :func:`read_manifest`'s UserError for that folder. A ``pipe:`` pattern
+      has no such folder and is refused.
+
+    Raises UserError for an empty spec, naming the config key ``data.shards``.
+    """
+    spec = str(spec or "")
+    if not spec:
+        raise UserError("config key 'data.shards' is empty; set it to a shard folder built with "
+                        "`segdist shards build` (e.g. data.shards=runs/shards)")
+    if is_pattern(spec):
+        urls = expand_urls(spec)
+        labels = _manifest_beside(urls[0], spec)
+        splits = {ANY_SPLIT: (urls, [_count_samples(u) for u in urls])}
+        manifest = None
+    else:
+        labels = manifest = read_manifest(spec)
+        splits = {s: (shard_urls(spec, s, manifest), shard_sizes(spec, s, manifest)) for s in manifest["splits"]}
+    return ShardSet(spec, labels["task"], labels["num_classes"], labels["class_names"], splits, manifest)

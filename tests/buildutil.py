@@ -1,0 +1,45 @@
+"""Helpers of the shard build/verify tests: run the CLI, read and decode every sample of a shard
+folder, build a small shard folder from synthetic data."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from segdist.shards import build_shards
+from segdist.synth import make_synthetic
+from tests.conftest import REPO
+
+
+def run_cli(*args, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "segdist.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO, timeout=timeout)
+
+
+def read_samples(folder: Path) -> dict[str, dict[str, bytes]]:
+    """Every sample of every shard: {key: {"image.jpg"|"image.png": bytes, "mask.png": bytes}}."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for tar in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            for member in tf:
+                key, _, ext = member.name.partition(".")
+                samples.setdefault(key, {})[ext] = tf.extractfile(member).read()
+    return samples
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def make_small_shards(base: Path) -> Path:
+    """24 synthetic 64 px samples in ``base/syn``, built into ``base/shards``: train 6+6+6+1, val 5."""
+    make_synthetic(base / "syn", n=24, size=64, seed=5)
+    out = base / "shards"
+    build_shards(base / "syn", out, samples_per_shard=6, workers=1, progress=False)
+    return out
