@@ -39,10 +39,11 @@ import psutil
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import UserError
 from .decode import decode_image, decode_mask, resize_square
+from .errors import UserError
 from .loader import Loader
-from .stream import ShardStream, read_samples, resolve_shards
+from .shards import open_shards
+from .stream import ShardStream, read_samples
 
 DEFAULT_SOURCE = "../shared/datasets/human-segmentation"
 MB = 1024 * 1024
@@ -380,7 +381,7 @@ def run_data_bench(args: BenchArgs) -> dict:
     with tempfile.TemporaryDirectory(prefix="segdist-bench-") as tmp:
         shard_dir = args.shards or str(build_bench_shards(rows, Path(tmp) / "shards", args.max_side,
                                                           max(args.workers, 1)))
-        urls, sizes = resolve_shards(shard_dir, args.split)
+        urls, sizes = open_shards(shard_dir).split(args.split)
         load_before = os.getloadavg()[0]
         course = time_epochs(lambda e: course_loader(rows, args.size, args.batch, args.workers),
                              lambda b: len(b[0]), args.min_seconds)
@@ -576,7 +577,7 @@ def _cmd_decode(args) -> int:
         else:
             rows = read_course_csv(source_csv(args.source), args.limit)
             shard_dir = str(build_bench_shards(rows, Path(tmp) / "shards", args.max_side, 2))
-        urls, _ = resolve_shards(shard_dir, args.split)
+        urls, _ = open_shards(shard_dir).split(args.split)
         result = run_decode_bench(urls, args.size, args.min_seconds)
     result["max_side"] = args.max_side if not args.shards else None
     print(json.dumps(result) if args.json else format_decode_table(result))

@@ -44,6 +44,8 @@ class DataConfig:
     """Let libjpeg decode at 1/2, 1/4, 1/8 scale when the image is that much larger than image_size."""
     decode: str = "cpu"
     """``cpu`` (OpenCV in the loader workers) or ``device`` (JPEGs decoded on the accelerator: nvJPEG on CUDA)."""
+    read_timeout: float = 60.0
+    """Seconds an http(s) shard read may get no data before it fails (a stalled server is an error, not a hang)."""
 
 
 @dataclass
@@ -122,7 +124,10 @@ class TrainConfig:
     """Save a resumable state every N optimiser steps (0: only at epoch ends)."""
     keep_last: int = 2
     resume: str = ""
-    """``auto`` (newest complete state in the run folder), a state folder, or empty."""
+    """``auto`` (newest complete, undamaged state in the run folder), a state folder, or empty."""
+    overwrite: bool = False
+    """Start over in a run folder that holds a previous run (deletes its states and metrics);
+    without it such a start is refused, so a forgotten ``train.resume=auto`` loses nothing."""
     max_nonfinite: int = 5
     """Consecutive non-finite losses tolerated (skipped) before the run stops."""
     overlays: int = 8
@@ -257,6 +262,7 @@ _COUNT, _POSITIVE = Range(0), Range(1)
 BOUNDS: dict[str, Range] = {
     "data.image_size": Range(32), "data.batch_size": _POSITIVE, "data.val_batch_size": Range(0, why="0 = batch_size"),
     "data.num_workers": _COUNT, "data.prefetch": _POSITIVE, "data.shuffle_buffer": _POSITIVE,
+    "data.read_timeout": Range(0, lo_open=True, why="seconds"),
     "augment.hflip": _P, "augment.vflip": _P, "augment.crop_p": _P, "augment.affine_p": _P,
     "augment.color_p": _P, "augment.blur_p": _P, "augment.noise_p": _P,
     "augment.crop_scale": Range(0, 1, lo_open=True, why="an area fraction"),
@@ -277,7 +283,9 @@ BOUNDS: dict[str, Range] = {
 
 def choices() -> dict[str, tuple[str, ...]]:
     """Allowed values of the keys that name a registered thing: the registries' own keys."""
-    from .losses import LOSSES  # lazy: torch and SMP are only needed once a config is validated
+    from .losses import (
+        LOSSES,  # lazy: torch and SMP are only needed once a config is validated
+    )
     from .optim import OPTIMIZERS, SCHEDULERS
 
     return {"train.mixed_precision": ("auto", "no", "fp16", "bf16"), "optim.name": tuple(OPTIMIZERS),

@@ -3,7 +3,9 @@
 The pipeline is a chain of small stages over iterators of sample dicts, as in WebDataset:
 ``read units (tar -> {__key__, image.jpg, mask.png}) -> take n -> shuffle buffer -> decode+resize
 -> batch``. Reading uses WebDataset's tar iterators, so local paths, ``http(s)://`` URLs and
-``pipe:`` commands all work.
+``pipe:`` commands all work; an http(s) read without data for ``data.read_timeout`` seconds
+fails. Every tar read to its end must hold its manifest's sample count, and every sample an
+image and a mask: a cut or replaced shard is an error, never a silently shorter epoch.
 
 How work is split (the part that keeps DDP from hanging and metrics exact):
 
@@ -28,73 +30,75 @@ Batches are dicts: ``image`` uint8 (B, 3, S, S) (RGB; a channels-last view), ``m
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import itertools
 import math
-import os
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from .config import DataConfig
 from .decode import decode_image, decode_mask
 from .errors import UserError
+from .shards.manifest import is_stall, open_shard
 
-__all__ = ["ShardStream", "plan_epoch", "batches_per_epoch", "read_samples", "batched", "to_batch",
-           "resolve_shards", "expand_urls"]
-
-
-# ------------------------------------------------------------------------- shard lists
-def resolve_shards(spec: str, split: str) -> tuple[list[str], list[int]]:
-    """Shard URLs and their sample counts for ``split``.
-
-    ``spec`` is a shard folder or ``http(s)://`` base holding ``manifest.json`` (counts come
-    from it), or a glob / brace pattern / list of URLs separated by ``::`` (counts are read
-    by one pass over the tars).
-    """
-    from .shards import read_manifest, shard_sizes, shard_urls
-
-    if any(c in spec for c in "*?{") or "::" in spec or spec.endswith(".tar"):
-        urls = expand_urls(spec)
-        return urls, [count_samples(u) for u in urls]
-    manifest = read_manifest(spec)
-    if split not in manifest["splits"]:
-        raise UserError(f"shards '{spec}' have no '{split}' split (have: {', '.join(manifest['splits'])})")
-    return shard_urls(spec, split), shard_sizes(spec, split)
+__all__ = ["ShardStream", "plan_epoch", "batches_per_epoch", "read_samples", "batched", "to_batch"]
 
 
-def expand_urls(spec: str) -> list[str]:
-    """Expand ``a::b``, brace patterns ``x-{000000..000009}.tar`` and local globs."""
-    import braceexpand
+# ------------------------------------------------------------------------- reading
+def _verify_hint(url: str) -> str:
+    folder = url.rsplit("/", 1)[0] if "/" in url and not url.startswith("pipe:") else ""
+    return f"run `segdist shards verify {folder}`" if folder else "run `segdist shards verify` on its folder"
 
-    urls: list[str] = []
-    for part in spec.split("::"):
-        for url in braceexpand.braceexpand(part):
-            if "://" not in url and not url.startswith("pipe:") and any(c in url for c in "*?["):
-                urls.extend(sorted(glob.glob(url)))
-            else:
-                urls.append(url)
-    if not urls:
-        raise UserError(f"shard pattern '{spec}' matches no files; check the path")
-    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+
+def _check_members(sample: dict, url: str) -> None:
+    """A sample the decoder can use: ``image.jpg`` or ``image.png``, and ``mask.png``."""
+    missing = [what for what, names in (("image", ("image.jpg", "image.png")), ("mask", ("mask.png",)))
+               if not any(n in sample for n in names)]
     if missing:
-        raise UserError(f"shard file '{missing[0]}' not found ({len(missing)} missing)")
-    return urls
+        members = ", ".join(k for k in sample if not k.startswith("__")) or "none"
+        raise UserError(f"sample '{sample['__key__']}' in shard '{url}' has no {' and no '.join(missing)} "
+                        f"(members: {members}); rebuild the shards or {_verify_hint(url)}")
 
 
-def count_samples(url: str) -> int:
-    return sum(1 for _ in read_samples(url))
+def read_samples(url: str, expected: int | None = None, read_timeout: float = 60.0) -> Iterator[dict]:
+    """Samples of one tar (local path, URL or ``pipe:``), in file order, as raw bytes.
 
+    Every sample must hold an image and a mask. With ``expected`` (the manifest's count) a tar read
+    to its end must hold exactly that many: a tar cut at a member boundary is still a valid,
+    shorter tar, so only the count tells. A reader that stops early (``take``) checks nothing;
+    a sample past ``expected`` fails at once. An http(s) read that gets no data for
+    ``read_timeout`` seconds fails.
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
-def read_samples(url: str) -> Iterator[dict]:
-    """Samples of one tar (local path, URL or ``pipe:``), in file order, as raw bytes."""
-    import webdataset as wds
-
+    n, stream = 0, None
     try:
-        yield from wds.tariterators.tarfile_samples([{"url": url}])
+        stream = open_shard(url, read_timeout)
+        samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+        for sample in samples:
+            _check_members(sample, url)
+            n += 1
+            if expected is not None and n > expected:
+                n += sum(1 for _ in samples)  # the error path only: the exact count helps
+                break
+            yield sample
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 -- any I/O or tar error is the user's data or URL
-        raise UserError(f"cannot read shard '{url}': {e}; run `segdist shards verify` on it") from None
+        if is_stall(e):
+            raise UserError(f"no data from {url} for {read_timeout:g} s (data.read_timeout); "
+                            "is the server up?") from None
+        raise UserError(f"cannot read shard '{url}': {e}; {_verify_hint(url)}") from None
+    finally:
+        if stream is not None:
+            with contextlib.suppress(OSError):  # a pipe: command's exit status when left early
+                stream.close()
+    if expected is not None and n != expected:
+        raise UserError(f"shard '{url}' holds {n} samples but its manifest says {expected}: it is truncated "
+                        f"or was replaced; {_verify_hint(url)}")
 
 
 # ------------------------------------------------------------------------- planning (pure)
@@ -165,18 +169,21 @@ def plan_epoch(sizes: list[int], *, batch_size: int, world_size: int, workers: i
 
 
 # ------------------------------------------------------------------------- stages
-def iter_units(urls: list[str], units: tuple[Unit, ...]) -> Iterator[dict]:
+def iter_units(urls: list[str], sizes: list[int], units: tuple[Unit, ...],
+               read_timeout: float = 60.0) -> Iterator[dict]:
+    """The units' samples in order; each tar is read whole, so its count is checked against ``sizes``."""
     for u in units:
-        for i, sample in enumerate(read_samples(urls[u.shard])):
+        for i, sample in enumerate(read_samples(urls[u.shard], sizes[u.shard], read_timeout)):
             if i % u.parts == u.part:
                 yield sample
 
 
-def cycle_units(urls: list[str], units: tuple[Unit, ...], rng: np.random.Generator) -> Iterator[dict]:
+def cycle_units(urls: list[str], sizes: list[int], units: tuple[Unit, ...], rng: np.random.Generator,
+                read_timeout: float = 60.0) -> Iterator[dict]:
     """Units in a fresh random order on every pass, forever (training resampling)."""
     while True:
         for i in rng.permutation(len(units)):
-            yield from iter_units(urls, (units[i],))
+            yield from iter_units(urls, sizes, (units[i],), read_timeout)
 
 
 def shuffle(samples: Iterator[dict], bufsize: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -253,7 +260,8 @@ class ShardStream:
 
     def __init__(self, urls: list[str], sizes: list[int], *, batch_size: int, image_size: int,
                  train: bool, seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 shuffle_buffer: int = 128, reduced_decode: bool = True, device_decode: bool = False):
+                 shuffle_buffer: int = 128, reduced_decode: bool = True, device_decode: bool = False,
+                 read_timeout: float = 60.0):
         if len(urls) != len(sizes):
             raise ValueError("urls and sizes differ in length")
         self.urls, self.sizes = list(urls), list(sizes)
@@ -261,12 +269,22 @@ class ShardStream:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers, self.workers = num_workers, max(num_workers, 1)
         self.shuffle_buffer, self.reduced_decode = shuffle_buffer, reduced_decode
-        self.device_decode = device_decode
+        self.device_decode, self.read_timeout = device_decode, read_timeout
         if train and batches_per_epoch(sizes, batch_size, world_size) == 0:
             raise UserError(
                 f"train split has {sum(sizes)} samples: too few for batch_size={batch_size} on "
                 f"{world_size} process(es); lower data.batch_size or add data"
             )
+
+    @classmethod
+    def from_config(cls, urls: list[str], sizes: list[int], data: DataConfig, *, train: bool, seed: int = 0,
+                    rank: int = 0, world_size: int = 1, batch_size: int = 0, num_workers: int = -1) -> ShardStream:
+        """The stream that the ``data.*`` keys describe (``batch_size``/``num_workers`` may override them)."""
+        return cls(urls, sizes, batch_size=batch_size or data.batch_size, image_size=data.image_size, train=train,
+                   seed=seed, rank=rank, world_size=world_size,
+                   num_workers=data.num_workers if num_workers < 0 else num_workers,
+                   shuffle_buffer=data.shuffle_buffer, reduced_decode=data.reduced_decode,
+                   device_decode=data.decode == "device", read_timeout=data.read_timeout)
 
     def plans(self, epoch: int) -> list[SlotPlan]:
         """This rank's slot plans (one per worker)."""
@@ -289,13 +307,15 @@ class ShardStream:
         """Slot ``w``'s batches of ``epoch`` after its first ``skip``, as :func:`batched` yields them."""
         plan = self.plans(epoch)[w]
         if not self.train:
-            yield from batched(iter_units(self.urls, plan.units), self.batch_size, self.image_size,
-                               self.reduced_decode, partial=True, device_decode=self.device_decode, alloc=alloc)
+            samples = iter_units(self.urls, self.sizes, plan.units, self.read_timeout)
+            yield from batched(samples, self.batch_size, self.image_size, self.reduced_decode, partial=True,
+                               device_decode=self.device_decode, alloc=alloc)
             return
         rng = np.random.default_rng([self.seed, epoch, self.rank * self.workers + w])
         # take, then shuffle: the buffer would otherwise read (not decode) up to shuffle_buffer
         # samples past the epoch's end, which nearly doubled tar reading per epoch here.
-        samples = take(cycle_units(self.urls, plan.units, rng), plan.num_batches * self.batch_size)
+        samples = take(cycle_units(self.urls, self.sizes, plan.units, rng, self.read_timeout),
+                       plan.num_batches * self.batch_size)
         samples = shuffle(samples, self.shuffle_buffer, rng)
         for _ in range(skip * self.batch_size):  # skip without decoding
             next(samples, None)

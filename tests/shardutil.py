@@ -60,9 +60,9 @@ def keys_of(loader) -> list[str]:
 def rank_loader(shards, rank, world, workers, train, **kw):
     """One epoch of one rank's batches from the test shard set (32 px, batch 2)."""
     from segdist.loader import make_loader
-    from segdist.stream import resolve_shards
+    from segdist.shards import open_shards
 
-    urls, sizes = resolve_shards(str(shards), "train" if train else "val")
+    urls, sizes = open_shards(str(shards)).split("train" if train else "val")
     return make_loader(urls, sizes, batch_size=kw.pop("batch_size", 2), image_size=32, train=train,
                        num_workers=workers, rank=rank, world_size=world, seed=kw.pop("seed", 0),
                        pin_memory=False, **kw)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from segdist.loader import make_loader
-from segdist.stream import resolve_shards
+from segdist.shards import open_shards
 from tests.shardutil import write_shards
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -18,7 +18,7 @@ def test_device_jpeg_decode_matches_cpu_decode(tmp_path, device, workers):
     from segdist.decode import to_device
 
     jpg = write_shards(tmp_path, {"val": [6]}, size=96, ext="jpg")
-    urls, sizes = resolve_shards(str(jpg), "val")
+    urls, sizes = open_shards(str(jpg)).split("val")
     kw = dict(batch_size=3, image_size=64, train=False, pin_memory=False, num_workers=workers)
     on_cpu = list(make_loader(urls, sizes, **kw))
     on_dev = list(make_loader(urls, sizes, device_decode=True, **kw))
@@ -77,3 +77,32 @@ def test_decode_without_opencv_rgb_flag_gives_the_same_pixels(monkeypatch):
     without = [stream.decode_image(b, 64) for b in blobs] + [stream.decode_image(blobs[0], 128)]
     assert all(np.array_equal(a, b) for a, b in zip(with_flag, without))
     assert stream.decode_image(blobs[1], 64, out=out) is out and np.array_equal(out, with_flag[1])
+
+
+def test_a_jpeg_the_device_decoder_rejects_falls_back_to_the_cpu_and_is_counted(tmp_path, monkeypatch):
+    """nvJPEG refusing one image must not raise on one rank (the others would wait in the next
+    collective); the rejection is simulated: torchvision's decoder raises for one of the images."""
+    import torchvision.io
+
+    from segdist.decode import to_device
+
+    jpg = write_shards(tmp_path, {"val": [4]}, size=96, ext="jpg")
+    urls, sizes = open_shards(str(jpg)).split("val")
+    kw = dict(batch_size=4, image_size=64, train=False, pin_memory=False, num_workers=0)
+    (batch,) = list(make_loader(urls, sizes, device_decode=True, **kw))
+    (plain,) = list(make_loader(urls, sizes, **kw))
+    bad = batch["jpeg"][2]
+    real = torchvision.io.decode_jpeg
+
+    def picky(data, *args, **kwargs):
+        items = data if isinstance(data, list) else [data]
+        if any(bytes(d.numpy()) == bad for d in items):
+            raise RuntimeError("nvjpeg: unsupported JPEG (simulated)")
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", picky)
+    stats: dict = {}
+    image, mask = to_device(batch, "cpu", stats)
+    assert stats == {"decode_fallbacks": 1}
+    ref, _ = to_device(plain, "cpu")
+    assert (image.float() - ref.float()).abs().mean() < 4.0

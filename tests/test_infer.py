@@ -9,22 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from segdist.checkpoint import save_model
-from segdist.config import load_config
 from segdist.errors import UserError
 from segdist.infer import predict_paths
-from segdist.models import create_model
 from tests.conftest import HUMAN_SEG, REPO, require_dataset
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    cfg = load_config(None, ["model.pretrained=none", "data.image_size=64"])
-    out = tmp_path_factory.mktemp("ckpt") / "best"
-    meta = {"image_size": 64, "mean": cfg.augment.mean, "std": cfg.augment.std,
-            "class_names": ["background", "person"], "num_classes": 2, "binary": True, "config": cfg.to_dict()}
-    save_model(create_model(cfg.model, 1), out, meta)
-    return out
 
 
 def test_predict_keeps_original_size(ckpt, tmp_path):

@@ -10,12 +10,13 @@ import torch
 
 from segdist.errors import UserError
 from segdist.loader import Loader, make_loader
-from segdist.stream import ShardStream, resolve_shards
+from segdist.shards import open_shards
+from segdist.stream import ShardStream
 from tests.shardutil import UNEVEN, sample_bytes, write_shards
 
 
 def train_stream(shards, workers, batch_size=2, **kw):
-    urls, sizes = resolve_shards(str(shards), "train")
+    urls, sizes = open_shards(str(shards)).split("train")
     return ShardStream(urls, sizes, batch_size=batch_size, image_size=32, train=True, num_workers=workers,
                        seed=4, **kw)
 
@@ -29,7 +30,7 @@ def test_persistent_loader_equals_one_loader_per_epoch(shards, workers):
     """Workers that run on across epochs (and hold a 2-slot ring) deliver what per-epoch loaders do."""
     with Loader(train_stream(shards, workers), end_epoch=3, pin_memory=False, prefetch=2) as loader:
         got = batches_by_epoch(loader, range(3))
-    urls, sizes = resolve_shards(str(shards), "train")
+    urls, sizes = open_shards(str(shards)).split("train")
     for e in range(3):
         want = list(make_loader(urls, sizes, batch_size=2, image_size=32, train=True, num_workers=workers,
                                 seed=4, epoch=e, pin_memory=False))
@@ -40,7 +41,7 @@ def test_persistent_loader_equals_one_loader_per_epoch(shards, workers):
 
 def test_worker_process_batches_equal_in_process_batches(shards):
     """The shared-memory ring path and the in-process path decode the same pixels for every key."""
-    urls, sizes = resolve_shards(str(shards), "val")
+    urls, sizes = open_shards(str(shards)).split("val")
     rows = {}
     for workers in (0, 2):
         stream = ShardStream(urls, sizes, batch_size=3, image_size=32, train=False, num_workers=workers)
@@ -88,7 +89,7 @@ def test_close_stops_the_workers(shards):
 def test_a_worker_without_batches_waits_instead_of_running_ahead(tmp_path):
     """3 samples, batch 2, 2 workers: worker 1 has no batches; unbounded, it must still block."""
     out = write_shards(tmp_path / "s", {"train": [3]}, size=32)
-    urls, sizes = resolve_shards(str(out), "train")
+    urls, sizes = open_shards(str(out)).split("train")
     loader = Loader(ShardStream(urls, sizes, batch_size=2, image_size=32, train=True, num_workers=2),
                     pin_memory=False, prefetch=2)
     assert [len(list(loader.epoch(e))) for e in range(3)] == [1, 1, 1]
@@ -153,7 +154,7 @@ def test_a_corrupt_image_in_a_worker_is_a_user_error(tmp_path):
         for i in range(4):
             img, mask = sample_bytes(i, 32)
             w.write({"__key__": f"k{i}", "image.png": img if i != 2 else b"not an image", "mask.png": mask})
-    urls, sizes = resolve_shards(str(out), "train")
+    urls, sizes = open_shards(str(out)).split("train")
     stream = ShardStream(urls, sizes, batch_size=2, image_size=32, train=True, num_workers=2)
     with Loader(stream, end_epoch=1, pin_memory=False) as loader, pytest.raises(UserError, match="shards verify"):
         list(loader.epoch(0))
@@ -218,8 +219,9 @@ def test_workers_exit_when_the_training_process_is_killed(shards):
     script = f"""
 import os, signal, sys
 from segdist.loader import Loader
-from segdist.stream import ShardStream, resolve_shards
-urls, sizes = resolve_shards({str(shards)!r}, "train")
+from segdist.shards import open_shards
+from segdist.stream import ShardStream
+urls, sizes = open_shards({str(shards)!r}).split("train")
 loader = Loader(ShardStream(urls, sizes, batch_size=1, image_size=32, train=True, num_workers=2), pin_memory=False)
 next(iter(loader.epoch(0)))
 print(" ".join(str(p.pid) for p in loader._procs), flush=True)
@@ -252,7 +254,7 @@ def test_a_val_loader_forked_beside_a_train_loader_does_not_pin_its_pipes(shards
     import psutil
 
     before = {c.pid for c in psutil.Process().children()}
-    urls, sizes = resolve_shards(str(shards), "val")
+    urls, sizes = open_shards(str(shards)).split("val")
     val = iter(make_loader(urls, sizes, batch_size=2, image_size=32, train=False, num_workers=2, pin_memory=False))
     next(val), next(val)  # one batch from each val worker: both forked while the train loader ran, both started
     val_workers = [c for c in psutil.Process().children() if c.pid not in before]
@@ -278,8 +280,9 @@ def test_start_method_must_be_fork_or_spawn(shards):
         Loader(train_stream(shards, 1), start_method="forkserver")
 
 
-def test_workers_do_not_inherit_a_sigterm_handler(shards):
-    """A trainer's graceful-stop SIGTERM handler must not make its decoders unkillable by terminate()."""
+def test_workers_leave_stop_signals_to_the_trainer(shards):
+    """SLURM signals every process of a job: decoders must outlive SIGTERM/SIGUSR1 (the trainer
+    pauses after its step and closes them), and must not run a forked copy of the trainer's handler."""
     import os
     import signal
     import time
@@ -287,13 +290,16 @@ def test_workers_do_not_inherit_a_sigterm_handler(shards):
     old = signal.signal(signal.SIGTERM, lambda *a: None)
     try:
         loader = Loader(train_stream(shards, 2), pin_memory=False, prefetch=1)
-        next(iter(loader.epoch(0)))
+        batches = iter(loader.epoch(0))
+        next(batches)
     finally:
         signal.signal(signal.SIGTERM, old)
-    p = loader._procs[0]
-    os.kill(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while p.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert p.exitcode == -signal.SIGTERM
+    procs = list(loader._procs)
+    for p in procs:
+        os.kill(p.pid, signal.SIGTERM)
+        os.kill(p.pid, signal.SIGUSR1)
+    time.sleep(1.0)
+    assert all(p.is_alive() for p in procs)
+    assert len(list(batches)) == loader.stream.num_batches(0) - 1  # still delivering
     loader.close()
+    assert all(p.exitcode == 0 for p in procs)

@@ -13,7 +13,8 @@ import torch
 
 from segdist.errors import UserError
 from segdist.loader import make_loader
-from segdist.stream import ShardStream, batches_per_epoch, plan_epoch, resolve_shards, shuffle
+from segdist.shards import open_shards
+from segdist.stream import ShardStream, batches_per_epoch, plan_epoch, shuffle
 from tests.shardutil import UNEVEN, keys_of, rank_loader, sample_bytes
 
 
@@ -86,7 +87,7 @@ def test_http_stream_equals_local(shards):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
-        urls, sizes = resolve_shards(base, "val")
+        urls, sizes = open_shards(base).split("val")
         assert urls[0].startswith("http://127.0.0.1")
         remote = list(make_loader(urls, sizes, batch_size=4, image_size=32, train=False, pin_memory=False))
         local = list(rank_loader(shards, 0, 1, 0, train=False, batch_size=4))
@@ -98,9 +99,9 @@ def test_http_stream_equals_local(shards):
 
 
 def test_brace_pattern_and_glob(shards):
-    urls, sizes = resolve_shards(str(shards / "train-{000000..000002}.tar"), "train")
+    urls, sizes = open_shards(str(shards / "train-{000000..000002}.tar")).split("train")
     assert sizes == UNEVEN
-    urls2, sizes2 = resolve_shards(str(shards / "train-*.tar"), "train")
+    urls2, sizes2 = open_shards(str(shards / "train-*.tar")).split("train")
     assert urls2 == urls and sizes2 == sizes
 
 
@@ -118,7 +119,7 @@ def test_too_small_for_batch_is_a_user_error(shards):
 
 def test_pipe_command_shards_equal_local(shards):
     path = shards / "val-000000.tar"
-    urls, sizes = resolve_shards(f"pipe:cat {path}", "val")
+    urls, sizes = open_shards(f"pipe:cat {path}").split("val")
     assert urls == [f"pipe:cat {path}"] and sizes == [UNEVEN[0]]
     piped = list(make_loader(urls, sizes, batch_size=4, image_size=32, train=False, num_workers=1, pin_memory=False))
     local = list(make_loader([str(path)], sizes, batch_size=4, image_size=32, train=False, pin_memory=False))

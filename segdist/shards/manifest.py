@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -130,22 +131,65 @@ def expand_urls(spec: str) -> list[str]:
     return urls
 
 
-def _count_samples(url: str) -> int:
+_TRANSIENT = {408, 429, 500, 502, 503, 504}  # the HTTP statuses curl's --retry retries
+_RETRIES, _RETRY_DELAY = 30, 2.0  # what webdataset's curl command used (--retry 30 --retry-delay 2)
+
+
+def open_shard(url: str, read_timeout: float = 60.0):
+    """A binary stream of one tar: http(s) through urllib, anything else through WebDataset's gopen.
+
+    webdataset's gopen runs ``curl --connect-timeout 30 --retry 30`` for http(s), with no limit
+    on a transfer that stalls: a stalled server hung the reader forever. A socket timeout
+    bounds every wait for data instead; transient statuses are retried as curl did.
+    """
+    import urllib.error
+    import urllib.request
+
+    from webdataset.gopen import gopen
+
+    if not url.startswith(("http://", "https://")):
+        return gopen(url)
+    for attempt in range(_RETRIES + 1):
+        try:
+            return urllib.request.urlopen(url, timeout=read_timeout)
+        except urllib.error.HTTPError as e:
+            if e.code not in _TRANSIENT or attempt == _RETRIES:
+                raise
+        time.sleep(_RETRY_DELAY)
+
+
+def is_stall(e: BaseException) -> bool:
+    """Whether ``e`` is a read that got no data within :func:`open_shard`'s ``read_timeout``."""
+    return isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError)
+
+
+def _count_samples(url: str, read_timeout: float = 60.0) -> int:
     """Samples in one tar (local path, URL or ``pipe:``): members grouped by key, as WebDataset reads them."""
-    from webdataset.tariterators import tarfile_samples
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
+    stream = None
     try:
-        return sum(1 for _ in tarfile_samples([{"url": url}]))
+        stream = open_shard(url, read_timeout)
+        return sum(1 for _ in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])))
     except Exception as e:  # noqa: BLE001 -- any I/O or tar error is the user's data or URL
+        if is_stall(e):
+            raise UserError(f"no data from {url} for {read_timeout:g} s; is the server up?") from None
         raise UserError(f"cannot read shard '{url}': {e}; run `segdist shards verify` on it") from None
+    finally:
+        if stream is not None:
+            stream.close()
 
 
-def _manifest_beside(url: str, spec: str) -> dict:
-    """The manifest of the folder (or URL prefix) that holds shard ``url``, the first one ``spec`` matched."""
+def _manifest_beside(url: str) -> dict | None:
+    """The manifest of the folder (or URL prefix) that holds shard ``url``, or None where there is none."""
     if url.startswith("pipe:"):
-        raise UserError(f"shard pattern '{spec}' reads through a pipe: command, so there is no {MANIFEST} beside "
-                        "it to take the task and classes from; use a shard folder or an http(s) base instead")
-    return read_manifest(url.rsplit("/", 1)[0] if "://" in url else Path(url).parent)
+        return None
+    if "://" in url:
+        try:
+            return read_manifest(url.rsplit("/", 1)[0])
+        except UserError:
+            return None
+    return read_manifest(Path(url).parent) if (Path(url).parent / MANIFEST).is_file() else None
 
 
 # ----------------------------------------------------------------------------- read once
@@ -163,9 +207,9 @@ class ShardSet:
     """
 
     spec: str
-    task: str  # manifest["task"]: "binary" | "multiclass"
-    num_classes: int
-    class_names: list[str]
+    task: str | None  # manifest["task"]: "binary" | "multiclass"; None: a pattern without a manifest
+    num_classes: int | None
+    class_names: list[str] | None
     splits: dict[str, tuple[list[str], list[int]]]  # split -> (shard URLs, samples per shard)
     manifest: dict | None
 
@@ -194,8 +238,7 @@ def open_shards(spec: str) -> ShardSet:
     * A pattern (see :func:`is_pattern`): its files come from :func:`expand_urls` and their
       sample counts from one pass over each tar. Task and classes come from the
       ``manifest.json`` in the folder (or URL prefix) of the first matched file; where there is
-      none, this raises :func:`read_manifest`'s UserError for that folder. A ``pipe:`` pattern
-      has no such folder and is refused.
+      none (or a ``pipe:`` command) they are None: reading needs none, training refuses that.
 
     Raises UserError for an empty spec, naming the config key ``data.shards``.
     """
@@ -205,7 +248,7 @@ def open_shards(spec: str) -> ShardSet:
                         "`segdist shards build` (e.g. data.shards=runs/shards)")
     if is_pattern(spec):
         urls = expand_urls(spec)
-        labels = _manifest_beside(urls[0], spec)
+        labels = _manifest_beside(urls[0]) or {"task": None, "num_classes": None, "class_names": None}
         splits = {ANY_SPLIT: (urls, [_count_samples(u) for u in urls])}
         manifest = None
     else:
