@@ -2,8 +2,11 @@
 
 * ``runs/<name>/states/step-00000123/``: ``accelerator.save_state`` (model, optimiser,
   scheduler, scaler, per-rank RNG) plus ``loop.json`` (epoch, batch position, step, best
-  metric). Written to ``.tmp-step-*`` and renamed, so a killed job leaves a hidden torn folder
-  that ``--resume auto`` skips and reports, never a half-written state under a real name.
+  metric) and ``files.json`` (size and sha256 of every other file). Written to
+  ``.tmp-step-*`` and renamed, so a killed job leaves a hidden torn folder that
+  ``train.resume=auto`` skips and reports, never a half-written state under a real name. A
+  state damaged later (truncated, replaced) fails its ``files.json`` check by name, and
+  ``train.resume=auto`` falls back to the previous one.
 * ``runs/<name>/best/`` and ``last/``: the model in SMP format (``config.json`` +
   ``model.safetensors``), loadable with ``smp.from_pretrained``, plus ``segdist.json`` (what
   inference needs: image size, normalisation, class names).
@@ -18,11 +21,12 @@ from pathlib import Path
 
 import safetensors.torch
 
-from .atomic import atomic_dir, atomic_write_text
+from .atomic import atomic_dir, atomic_write_text, sha256_file
 from .errors import UserError
 
 STATE_RE = re.compile(r"^step-(\d{8})$")
 LOOP_FILE = "loop.json"
+FILES_FILE = "files.json"
 META_FILE = "segdist.json"
 
 
@@ -45,7 +49,9 @@ def save_state(accelerator, states_dir: Path, step: int, loop: dict, keep_last: 
         for name, module in (extras or {}).items():
             safetensors.torch.save_file({k: v.contiguous() for k, v in module.state_dict().items()},
                                         str(tmp / f"{name}.safetensors"))
-        atomic_write_text(tmp / LOOP_FILE, json.dumps(loop, indent=1))
+        files = {p.name: [p.stat().st_size, sha256_file(p)] for p in sorted(tmp.iterdir()) if p.is_file()}
+        atomic_write_text(tmp / FILES_FILE, json.dumps(files, indent=1))
+        atomic_write_text(tmp / LOOP_FILE, json.dumps(loop, indent=1))  # last: it marks the state complete
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -70,26 +76,53 @@ def torn_states(states_dir: Path) -> list[Path]:
                   if p.name.startswith(".tmp-") or (STATE_RE.match(p.name) and not (p / LOOP_FILE).is_file()))
 
 
-def find_resume(spec: str, states_dir: Path) -> Path | None:
-    """``auto`` -> newest complete state (None if there is none); a path -> that state."""
+def find_resume(spec: str, states_dir: Path) -> list[Path]:
+    """States to try, best first: ``auto`` -> complete states newest first; a path -> that state."""
     if not spec:
-        return None
+        return []
     if spec == "auto":
-        states = list_states(states_dir)
-        return states[-1] if states else None
+        return list_states(states_dir)[::-1]
     path = Path(spec)
     if not (path / LOOP_FILE).is_file():
         raise UserError(f"train.resume '{spec}' is not a complete state folder (no {LOOP_FILE}); "
                         f"use train.resume=auto or a folder under {states_dir}")
-    return path
+    return [path]
+
+
+def damage(path: Path) -> str | None:
+    """Why the state at ``path`` cannot be trusted (a file missing, cut or changed), or None."""
+    try:
+        files = json.loads((path / FILES_FILE).read_text())
+    except FileNotFoundError:
+        return None  # a state from before files.json: load_state's own errors still name the file
+    except (OSError, ValueError) as e:
+        return f"{FILES_FILE} is unreadable ({e})"
+    for name, (size, digest) in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were saved (truncated or replaced)"
+        if sha256_file(f) != digest:
+            return f"{name} differs from what was saved (sha256 mismatch)"
+    return None
 
 
 def load_state(accelerator, path: Path, extras: dict | None = None) -> dict:
-    accelerator.load_state(str(path))  # torch.load(weights_only=True) inside, safetensors for models
-    for name, module in (extras or {}).items():
-        module.load_state_dict(safetensors.torch.load_file(str(path / f"{name}.safetensors"),
-                                                           device=str(accelerator.device)))
-    return json.loads((path / LOOP_FILE).read_text())
+    """Load a state saved by :func:`save_state`; a damaged one is a UserError naming the file."""
+    reason = damage(path)
+    if reason is not None:
+        raise UserError(f"state {path} is damaged: {reason}")
+    try:
+        accelerator.load_state(str(path))  # torch.load(weights_only=True) inside, safetensors for models
+        for name, module in (extras or {}).items():
+            module.load_state_dict(safetensors.torch.load_file(str(path / f"{name}.safetensors"),
+                                                               device=str(accelerator.device)))
+        return json.loads((path / LOOP_FILE).read_text())
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- a truncated or foreign file; no code runs (weights_only)
+        raise UserError(f"state {path} is damaged: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def save_model(model, out: Path, meta: dict) -> None:

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from .errors import UserError
+from .errors import REQUEUE_EXIT, Paused, UserError
 
 
 # ----------------------------------------------------------------------------- synth
@@ -67,7 +67,7 @@ def _eval_parser(sub) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from .train import evaluate_checkpoint
+    from .evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(args.ckpt, args.shards, split=args.split, batch_size=args.batch_size,
                         num_workers=args.num_workers, as_json=args.json)
@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"segdist: error: {e}", file=sys.stderr)
         return 2
+    except Paused as e:
+        print(f"segdist: {e}", file=sys.stderr)
+        return REQUEUE_EXIT
     except KeyboardInterrupt:
         print("segdist: interrupted", file=sys.stderr)
         return 130

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
 import weakref
 from typing import Iterator
 
@@ -47,10 +48,14 @@ def _worker_loop(stream: ShardStream, w: int, start_epoch: int, end_epoch: int |
     process reads end-of-file instead of waiting for the rest, and if the training process
     dies a blocked send fails instead of waiting forever.
     """
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a forked copy of the trainer's graceful-stop handler
+    # Ctrl-C and stop signals are the training process's to handle: SLURM signals every process
+    # of the job, and a decoder dying first would turn a graceful pause into a crash. Workers
+    # still end on close(), when the trainer dies (they poll it), and on SIGKILL. They start
+    # with these signals blocked (see Loader._start), so none can arrive before this.
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if _CAN_BLOCK:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     for c in inherited:
         c.close()
     torch.set_num_threads(1)
@@ -105,7 +110,7 @@ def _shutdown(procs: list, stop, readers: list, timeout: float = 5.0) -> None:
         p.join(timeout=max(deadline - time.monotonic(), 0.01))
     for p in procs:
         if p.is_alive():
-            p.terminate()
+            p.kill()  # workers ignore SIGTERM (see _worker_loop)
             p.join(timeout=5)
 
 
@@ -128,6 +133,8 @@ def check_shared_memory(need: int, path: str = "/dev/shm", ranks: int = 1) -> No
             f"or give the container more (docker run --shm-size=8g)")
 
 
+_STOP_SIGNALS = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, n)}
+_CAN_BLOCK = hasattr(signal, "pthread_sigmask")  # POSIX
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # loaders with running workers (their pipe ends, for forks)
 
 
@@ -201,6 +208,10 @@ class Loader:
         # A forked child gets copies of every open pipe end, also those of other live loaders (a
         # val loader forks while the train loader runs); it closes all but its own write end.
         others = [r for loader in _LIVE if loader is not self for r in loader._readers if not r.closed] if fork else []
+        # Blocked across the forks: a child gets them only once it ignores them (a signal in the
+        # window between fork and its handler set-up would kill a decoder); pending ones then
+        # reach this process's own handlers.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if _CAN_BLOCK else None
         try:
             for w in range(nwk):
                 inherited = [c for k, (r, wr) in enumerate(pipes) for c in (r, wr) if fork and (k != w or c is r)]
@@ -214,6 +225,8 @@ class Loader:
             self.close()
             raise
         finally:
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             for _, wr in pipes:
                 wr.close()  # only the workers hold write ends now: a dead one reads as end-of-file
         _LIVE.add(self)

@@ -31,9 +31,11 @@ class SegCounts:
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """pred, target: integer class ids (B, H, W), same shape; target may hold ``ignore_index``."""
         valid = target != self.ignore_index
-        p, t = pred[valid].long(), target[valid].long()
         k = self.num_classes
-        cm = torch.bincount(t * k + p, minlength=k * k).reshape(k, k)  # rows: truth, cols: pred
+        # Ignored pixels go to an extra bin k*k that is dropped: boolean indexing (pred[valid]) would
+        # make the output size data-dependent, a device-to-host sync per batch.
+        idx = torch.where(valid, target.long() * k + pred.long(), k * k)
+        cm = torch.bincount(idx.flatten(), minlength=k * k + 1)[: k * k].reshape(k, k)  # rows: truth, cols: pred
         tp = cm.diagonal()
         fp = cm.sum(0) - tp
         fn = cm.sum(1) - tp

@@ -6,6 +6,7 @@ number of optimiser steps of the whole run as this rank sees it; the same on eve
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable
 
@@ -67,3 +68,38 @@ SCHEDULERS: dict[str, Callable] = {
 
 def create_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int):
     return SCHEDULERS[cfg.scheduler](optimizer, cfg, total_steps)
+
+
+class EMA(nn.Module):
+    """Exponential moving average of a model's weights, for evaluation; no host sync per update.
+
+    The first :meth:`update` copies the weights, later ones move them ``1 - decay`` of the way to
+    the model's with one fused ``_foreach_lerp_`` (torch's ``AveragedModel`` keeps its update
+    counter on the CPU, a blocking copy every step on a GPU). Float buffers (BatchNorm
+    statistics) are copied, so the EMA model evaluates with current statistics.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.decay = decay
+        self.updates = 0  # a Python int: nothing to read back from the device
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema, new = list(self.module.parameters()), [p.detach() for p in model.parameters()]
+        if self.updates == 0:
+            torch._foreach_copy_(ema, new)
+        else:
+            torch._foreach_lerp_(ema, new, 1.0 - self.decay)
+        for b, nb in zip(self.module.buffers(), model.buffers()):
+            b.copy_(nb)
+        self.updates += 1
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        return {**self.module.state_dict(), "ema_updates": torch.tensor(self.updates)}
+
+    def load_state_dict(self, state: dict, strict: bool = True):
+        state = dict(state)
+        self.updates = int(state.pop("ema_updates"))  # one sync, at resume only
+        return self.module.load_state_dict(state, strict=strict)

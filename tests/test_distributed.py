@@ -1,6 +1,9 @@
 """Real 2-process ``accelerate launch`` on CPU (gloo): training, exact metrics, no hang.
 
-Every launch runs under a timeout, so a DDP hang fails the test instead of blocking CI.
+Every launch runs under a timeout, so a DDP hang fails the test instead of blocking CI. The
+launches are pinned to the CPU (CUDA_VISIBLE_DEVICES=""), also on a GPU host: these tests
+compare 1- and 2-process results exactly, and cuDNN autotuning and TF32 convolutions could flip
+a few pixels between batch shapes there. GPU exactness is its own test (tests/test_cuda.py).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def run(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "CUDA_VISIBLE_DEVICES": ""}
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"{cmd}\nSTDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-5000:]}"
     return p
@@ -67,3 +71,104 @@ def test_two_process_eval_equals_one_process_exactly(trained):
         assert (a["tp"], a["fp"], a["fn"]) == (b["tp"], b["fp"], b["fn"])
     for key in ("iou", "dice", "micro_iou", "micro_dice"):
         assert abs(single[key] - double[key]) < 1e-6
+
+
+def train_overrides(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return [f"data.shards={shards}", "data.image_size=64", "data.batch_size=2", "data.num_workers=1",
+            "model.pretrained=none", "track.backend=none", "train.overlays=0", f"train.out_dir={out}",
+            f"train.name={name}", *extra]
+
+
+def start_ranks(argv: list[str], port: int, world: int = 2) -> list[subprocess.Popen]:
+    """Start ``world`` trainer processes the way launch/slurm.sbatch's srun does: no launcher in
+    between, the rank layout in RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR."""
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+               "CUDA_VISIBLE_DEVICES": "", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
+    out = []
+    for p in procs:
+        try:
+            text, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        out.append((p.returncode, text))
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def step_losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [(r["step"], r["loss"]) for r in rows if r.get("event") == "train"]
+
+
+@pytest.mark.timeout(900)
+def test_sigusr1_pauses_both_ranks_at_one_step_and_the_rerun_continues_exactly(tmp_path):
+    import signal
+    import time
+
+    from segdist.errors import REQUEUE_EXIT
+
+    shards = write_shards(tmp_path / "shards", {"train": [9, 8, 7], "val": [4, 4]}, size=64)
+    argv = ["launch/train.py", *train_overrides(shards, tmp_path, "x", "train.epochs=2", "train.log_every=1",
+                                                 "train.resume=auto")]
+    run_dir = tmp_path / "x"
+    procs = start_ranks(argv, free_port())
+    deadline = time.time() + 300
+    # Mid-epoch 1 (6 steps per epoch): signal once 8 steps are logged.
+    while time.time() < deadline and len(step_losses(run_dir) if (run_dir / "metrics.jsonl").exists() else []) < 8:
+        assert all(p.poll() is None for p in procs), wait_all(procs)
+        time.sleep(0.05)
+    for p in procs:
+        os.kill(p.pid, signal.SIGUSR1)
+    results = wait_all(procs)
+    assert [rc for rc, _ in results] == [REQUEUE_EXIT] * 2, results
+    assert all("paused by" in text for _, text in results)
+    assert "paused by SIGUSR1" in results[0][1]
+    states = sorted((run_dir / "states").glob("step-*"))
+    paused = json.loads((states[-1] / "loop.json").read_text())
+    assert paused["epoch"] == 1 and 0 < paused["batch"] < 6  # mid-epoch
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in states[-1].iterdir()}
+
+    resumed = wait_all(start_ranks(argv, free_port()))
+    assert [rc for rc, _ in resumed] == [0, 0], resumed
+    assert f"resumed from {states[-1]}" in resumed[0][1]
+
+    ref = wait_all(start_ranks(["launch/train.py", *train_overrides(shards, tmp_path, "ref", "train.epochs=2",
+                                                                      "train.log_every=1")], free_port()))
+    assert [rc for rc, _ in ref] == [0, 0], ref
+    assert step_losses(run_dir) == step_losses(tmp_path / "ref")
+    assert len(step_losses(run_dir)) == 12
+
+
+@pytest.mark.timeout(600)
+def test_inf_gradients_with_a_finite_loss_skip_the_step_on_both_ranks(tmp_path):
+    shards = write_shards(tmp_path / "shards", {"train": [6, 6], "val": [2, 2]}, size=64)
+    argv = ["tests/scripts/inf_grad_train.py", *train_overrides(shards, tmp_path, "inf", "train.epochs=1",
+                                                                 "train.max_nonfinite=100", "train.log_every=1")]
+    results = wait_all(start_ranks(argv, free_port()))
+    assert [rc for rc, _ in results] == [0, 0], results
+    for rank in (0, 1):
+        assert json.loads((tmp_path / "inf" / f"grads-rank{rank}.json").read_text()) == {"unchanged": True,
+                                                                                         "finite": True}
+    rows = [json.loads(x) for x in (tmp_path / "inf" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["count"] for r in rows if r.get("event") == "nonfinite"] == [1, 2, 3]  # 12 samples / (2 x 2)
+    assert not [r for r in rows if r.get("event") == "train"]
+

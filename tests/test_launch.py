@@ -23,11 +23,14 @@ def test_accelerate_configs_load(name):
     assert cfg.num_processes >= 1 and cfg.num_machines >= 1
 
 
-def test_slurm_script_is_valid_bash_and_uses_node_rank():
+def test_slurm_script_is_valid_bash_sets_ranks_and_requeues_on_pause():
+    from segdist.errors import REQUEUE_EXIT
+
     text = (LAUNCH / "slurm.sbatch").read_text()
     subprocess.run(["bash", "-n", str(LAUNCH / "slurm.sbatch")], check=True)
-    for needle in ("--machine_rank \"$SLURM_NODEID\"", "--main_process_ip", "--num_machines", "--ntasks-per-node=1"):
-        assert needle in text
+    for needle in ("RANK=$SLURM_PROCID", "WORLD_SIZE=$SLURM_NTASKS", "LOCAL_RANK=$SLURM_LOCALID", "MASTER_ADDR=",
+                   "train.resume=auto", "--signal=USR1@", f'"$status" -eq {REQUEUE_EXIT}', "scontrol requeue"):
+        assert needle in text, needle
 
 
 def test_colab_notebook_commands_use_valid_config_keys():

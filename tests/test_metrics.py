@@ -67,3 +67,26 @@ def test_logits_to_pred():
     logits[0, 2, 0, 0] = 5
     logits[0, 1, 0, 1] = 5
     assert torch.equal(logits_to_pred(logits), torch.tensor([[[2, 1]]]))
+
+
+def test_update_counts_equal_the_boolean_indexing_reference():
+    """The sync-free update (torch.where + an overflow bin) counts exactly what pred[valid] counted."""
+    from segdist import IGNORE_INDEX
+    from segdist.metrics import SegCounts
+
+    def reference(pred, target, k):
+        valid = target != IGNORE_INDEX
+        p, t = pred[valid].long(), target[valid].long()
+        cm = torch.bincount(t * k + p, minlength=k * k).reshape(k, k)
+        tp = cm.diagonal()
+        fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+        return torch.stack([tp, fp, fn, valid.sum() - tp - fp - fn])
+
+    g = torch.Generator().manual_seed(0)
+    for k in (2, 5, 59):
+        target = torch.randint(0, k, (3, 17, 23), generator=g)
+        target[torch.rand(target.shape, generator=g) < 0.2] = IGNORE_INDEX
+        pred = torch.randint(0, k, (3, 17, 23), generator=g)
+        counts = SegCounts(k, binary=k == 2)
+        counts.update(pred, target)
+        assert torch.equal(counts.counts, reference(pred, target, k))

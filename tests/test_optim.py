@@ -54,3 +54,29 @@ def test_onecycle_peaks_at_lr(model):
 def test_optimizers_build(model, name):
     opt = create_optimizer(load_config(None, [f"optim.name={name}"]).optim, model)
     assert isinstance(opt, torch.optim.Optimizer)
+
+
+def test_ema_matches_the_formula_and_survives_a_state_dict_round_trip():
+    import torch
+
+    from segdist.optim import EMA
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(model, decay=0.9)
+    w = [p.detach().clone() for p in model.parameters()]
+    ema.update(model)  # first update: a copy
+    expect = [x.clone() for x in w]
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            model[1].running_mean.add_(1.0)
+        ema.update(model)
+        expect = [e + 0.1 * (p.detach() - e) for e, p in zip(expect, model.parameters())]
+    for a, b in zip(ema.module.parameters(), expect):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert torch.equal(ema.module[1].running_mean, model[1].running_mean)  # statistics are current
+    other = EMA(model, decay=0.9)
+    other.load_state_dict(ema.state_dict())
+    assert other.updates == 4
+    assert all(torch.equal(a, b) for a, b in zip(other.module.parameters(), ema.module.parameters()))

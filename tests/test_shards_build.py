@@ -241,6 +241,26 @@ def test_on_error_fail_stops_with_a_clear_message_and_no_output(broken_dataset, 
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
+@pytest.mark.parametrize("on_error", ["skip", "fail"])
+def test_a_stopped_build_prints_one_line_and_nothing_after_it(tmp_path, on_error):
+    """The error is the last word: no tar writer finalised later into a closed file (stderr noise)."""
+    src = tmp_path / "src"
+    for d in ("images", "masks"):
+        (src / d).mkdir(parents=True)
+    for i in range(6):
+        cv2.imwrite(str(src / "images" / f"{i}.jpg"), np.full((40, 40, 3), 100, np.uint8))
+        mask = np.zeros((40, 40), np.uint8)
+        mask[5:10] = 1 if i < 4 else 7  # 7 is outside --classes
+        cv2.imwrite(str(src / "masks" / f"{i}.png"), mask)
+    (src / "classes.json").write_text('["bg", "fg"]')
+    out = tmp_path / "out"
+    result = run_cli("shards", "build", src, "--out", out, "--classes", src / "classes.json", "--on-error", on_error,
+                     "--samples-per-shard", "2")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("segdist: error: mask masks/4.png has values 7")
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
 # ----------------------------------------------------------------------------- rebuilds
 @pytest.fixture(scope="module")
 def small_shards(tmp_path_factory):

@@ -182,9 +182,9 @@ def test_resume_auto_skips_torn_states(tmp_path):
         (states / name).mkdir(parents=True)
         if complete:
             (states / name / "loop.json").write_text("{}")
-    assert find_resume("auto", states).name == "step-00000004"
+    assert [p.name for p in find_resume("auto", states)] == ["step-00000004", "step-00000002"]  # newest first
     assert [p.name for p in torn_states(states)] == [".tmp-step-00000006", "step-00000008"]
-    assert find_resume("", states) is None
+    assert find_resume("", states) == []
     with pytest.raises(UserError, match="not a complete state"):
         find_resume(str(states / "step-00000008"), states)
 
@@ -202,10 +202,61 @@ def test_num_classes_that_contradicts_the_manifest_is_refused():
     from segdist.config import load_config
     from segdist.train import out_channels_for
 
-    binary = {"task": "binary", "num_classes": 2}
-    multi = {"task": "multiclass", "num_classes": 5}
+    from types import SimpleNamespace
+
+    binary = SimpleNamespace(task="binary", num_classes=2)
+    multi = SimpleNamespace(task="multiclass", num_classes=5)
     assert out_channels_for(load_config(None, []), binary) == 1
     assert out_channels_for(load_config(None, ["model.num_classes=2"]), binary) == 2
     assert out_channels_for(load_config(None, []), multi) == 5
     with pytest.raises(UserError, match="model.num_classes"):
         out_channels_for(load_config(None, ["model.num_classes=3"]), multi)
+
+
+def run_fails(cmd, timeout=300) -> str:
+    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 2, f"rc {p.returncode}\nSTDOUT:\n{p.stdout[-2000:]}\nSTDERR:\n{p.stderr[-4000:]}"
+    assert "Traceback" not in p.stderr
+    return p.stderr
+
+
+@pytest.mark.slow
+def test_a_rerun_without_resume_never_deletes_the_previous_run(shards, tmp_path):
+    args = ["data.batch_size=4", "train.epochs=1"]
+    run_ok(train_cmd(shards, tmp_path, "r", *args))
+    states = sorted((tmp_path / "r" / "states").glob("step-*"))
+    log = (tmp_path / "r" / "metrics.jsonl").read_text()
+    err = run_fails(train_cmd(shards, tmp_path, "r", *args))
+    assert "holds a previous run" in err and "train.resume=auto" in err and "train.overwrite=true" in err
+    assert sorted((tmp_path / "r" / "states").glob("step-*")) == states
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == log
+    p = run_ok(train_cmd(shards, tmp_path, "r", *args, "train.overwrite=true"))
+    assert "removing the previous run's" in p.stdout
+
+
+@pytest.mark.slow
+def test_damaged_states_are_named_and_resume_auto_falls_back(shards, tmp_path):
+    import pickle
+
+    args = ["data.batch_size=4", "train.keep_last=3"]
+    run_ok(train_cmd(shards, tmp_path, "d", *args, "train.epochs=2"))
+    first, newest = sorted((tmp_path / "d" / "states").glob("step-*"))
+    opt = newest / "optimizer.bin"
+    opt.write_bytes(opt.read_bytes()[: opt.stat().st_size // 2])  # truncated
+    err = run_fails(train_cmd(shards, tmp_path, "d", *args, "train.epochs=3", f"train.resume={newest}"))
+    assert f"state {newest} is damaged: optimizer.bin has" in err and "truncated or replaced" in err
+    p = run_ok(train_cmd(shards, tmp_path, "d", *args, "train.epochs=3", "train.resume=auto"))
+    assert f"state {newest} is damaged" in p.stdout and "falling back" in p.stdout
+    assert f"resumed from {first}" in p.stdout
+
+    # A foreign pickle in an RNG file: accelerate would skip it silently ("Could not load random
+    # states") and the resume would no longer be exact; the file check names it instead.
+    newest = sorted((tmp_path / "d" / "states").glob("step-*"))[-1]
+    rng = newest / "random_states_0.pkl"
+    rng.write_bytes(pickle.dumps({"not": "a state"}))
+    err = run_fails(train_cmd(shards, tmp_path, "d", *args, "train.epochs=4", f"train.resume={newest}"))
+    assert "random_states_0.pkl has" in err
+    size = json.loads((newest / "files.json").read_text())["random_states_0.pkl"][0]
+    rng.write_bytes(bytes(size))  # same size, other bytes
+    err = run_fails(train_cmd(shards, tmp_path, "d", *args, "train.epochs=4", f"train.resume={newest}"))
+    assert "random_states_0.pkl differs from what was saved" in err

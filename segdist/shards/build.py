@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import multiprocessing
 import os
@@ -29,13 +28,12 @@ import cv2
 import numpy as np
 
 from .. import IGNORE_INDEX, __version__
-from ..atomic import atomic_dir, shared_mode_dir
+from ..atomic import atomic_dir, sha256_file, shared_mode_dir
 from ..errors import UserError
 from .discover import Discovery, Pair, _display, _split_rank, assign_splits, discover
 from .labels import Labels, _label_files, decide_labels
 from .manifest import FORMAT, MANIFEST, VERSION
 from .sample import Options, Result, process_pair, scan_mask
-
 
 # ============================================================================= options
 UNKNOWN_VALUES = ("error", "ignore", "skip")
@@ -167,7 +165,7 @@ class _ShardSink:
         f.close()
         path = self.folder / name
         self.records.append({"name": name, "samples": self._counts[name], "bytes": path.stat().st_size,
-                             "sha256": _sha256_file(path)})
+                             "sha256": sha256_file(path)})
 
     def write(self, key: str, image: bytes, image_ext: str, mask: bytes) -> str:
         self._writer.write({"__key__": key, f"image.{image_ext}": image, "mask.png": mask})
@@ -180,18 +178,14 @@ class _ShardSink:
         return self.records
 
     def abort(self) -> None:
-        """Close open files without finishing the tar (the temp folder is about to be removed)."""
+        """Close everything (the temp folder is about to be removed). The tar is ended, not just its
+        file closed: otherwise tarfile's finaliser later writes into the closed file and prints
+        ``Exception ignored ... write to closed file`` after the user's one-line error."""
+        with contextlib.suppress(Exception):  # already failing; the folder goes anyway
+            self._writer.close()
         for f in self._files.values():
             f.close()
         self._files.clear()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _Stats:

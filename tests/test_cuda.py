@@ -1,0 +1,70 @@
+"""CUDA-only checks (skipped without a GPU): what CPU tests cannot show.
+
+* nvJPEG decode while other kernels are queued on the same device gives the CPU decoder's
+  pixels every time (torchvision allocates its outputs on the current stream and decodes on
+  its own; see segdist.decode._decode_jpegs).
+* 2-process NCCL evaluation equals 1-process evaluation exactly (`segdist eval` picks exact kernels).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.shardutil import write_shards
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def test_device_decode_under_queued_work_equals_cpu_decode(tmp_path):
+    from segdist.decode import to_device
+    from segdist.loader import make_loader
+    from segdist.shards import open_shards
+
+    jpg = write_shards(tmp_path, {"val": [16]}, size=256, ext="jpg")
+    urls, sizes = open_shards(str(jpg)).split("val")
+    kw = dict(batch_size=16, image_size=224, train=False, pin_memory=True, num_workers=0)
+    (cpu_batch,) = list(make_loader(urls, sizes, device_decode=True, **kw))
+    want, _ = to_device({**cpu_batch, "jpeg": [j for j in cpu_batch["jpeg"]]}, "cpu")
+    a = torch.randn(4096, 4096, device="cuda")
+    bad = 0
+    for _ in range(200):
+        # Queue large work that reads and then frees memory, as a backward or optimiser step does.
+        x = a @ a
+        del x
+        got, _ = to_device(cpu_batch, "cuda")
+        bad += int((got.cpu().float() - want.float()).abs().mean() > 4.0)
+    torch.cuda.synchronize()
+    assert bad == 0, f"{bad} of 200 decodes differ from the CPU decode"
+
+
+def test_two_process_nccl_eval_equals_one_process(tmp_path):
+    from segdist.checkpoint import save_model
+    from segdist.config import load_config
+    from segdist.models import create_model
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    shards = write_shards(tmp_path / "s", {"val": [7, 5, 2]}, size=64)
+    cfg = load_config(None, ["model.pretrained=none", "data.image_size=64"])
+    ckpt = tmp_path / "best"
+    save_model(create_model(cfg.model, 1), ckpt, {"image_size": 64, "mean": cfg.augment.mean, "std": cfg.augment.std,
+                                                   "class_names": ["bg", "fg"], "num_classes": 2, "binary": True,
+                                                   "config": cfg.to_dict()})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = []
+    for launcher in ([sys.executable], [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes",
+                                        "2", "--multi_gpu", "--mixed_precision", "no"]):
+        p = subprocess.run([*launcher, "-m", "segdist", "eval", str(ckpt), "--shards", str(shards), "--json"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        out.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    assert [c["tp"] for c in out[0]["per_class"]] == [c["tp"] for c in out[1]["per_class"]]
+    assert out[0]["iou"] == out[1]["iou"]
