@@ -20,7 +20,9 @@ def run_demo(workdir: str = "runs", overrides: list[str] | tuple = ()) -> dict:
     t0 = time.perf_counter()
     work = Path(workdir)
     data, shards = work / "demo-data", work / "demo-shards"
-    cfg = load_config(DEMO_CONFIG, [f"data.shards={shards}", f"train.out_dir={work}", *overrides])
+    # train.overwrite: `make demo` is meant to be run again; its run folder is its own.
+    cfg = load_config(DEMO_CONFIG, [f"data.shards={shards}", f"train.out_dir={work}", "train.overwrite=true",
+                                    *overrides])
 
     def step(title: str, argv: list[str]) -> None:
         # The same commands a user types, as `python -m segdist ...` processes.

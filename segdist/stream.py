@@ -20,6 +20,11 @@ How work is split (the part that keeps DDP from hanging and metrics exact):
 * **Resume**: the position is ``(epoch, batches consumed on this rank)``. Everything above is a
   pure function of the seed, so each slot skips the batches it had already delivered, and the
   round-robin over slots continues with the one that was next.
+* **Elastic resume** (other world size, workers or batch size than the interrupted run): the
+  samples the old plan had delivered are replayed as ``(shard, index)`` references, without
+  reading a tar, and the rest of that epoch (``carry``) is spread over the new slots: every
+  rank the same number of batches, sizes differing by at most one, every remaining sample
+  exactly once. Later epochs use the new plan. Chains of such resumes compose.
 
 Everything here is a pure function of (seed, epoch, slot) and testable on lists; the worker
 processes that run it live in :mod:`segdist.loader`, and decoding in :mod:`segdist.decode`.
@@ -30,11 +35,12 @@ Batches are dicts: ``image`` uint8 (B, 3, S, S) (RGB; a channels-last view), ``m
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -169,21 +175,59 @@ def plan_epoch(sizes: list[int], *, batch_size: int, world_size: int, workers: i
 
 
 # ------------------------------------------------------------------------- stages
-def iter_units(urls: list[str], sizes: list[int], units: tuple[Unit, ...],
-               read_timeout: float = 60.0) -> Iterator[dict]:
-    """The units' samples in order; each tar is read whole, so its count is checked against ``sizes``."""
+Ref = tuple[int, int]
+"""A sample's place: (shard index, position in the shard)."""
+
+
+def iter_units(read: Callable[[int], Iterator], units: tuple[Unit, ...]) -> Iterator:
+    """The units' samples in order. ``read(shard)`` yields a shard's samples in file order: the
+    tar's (read whole, so its count is checked) or, for replaying a plan, :data:`Ref` tuples."""
     for u in units:
-        for i, sample in enumerate(read_samples(urls[u.shard], sizes[u.shard], read_timeout)):
+        for i, sample in enumerate(read(u.shard)):
             if i % u.parts == u.part:
                 yield sample
 
 
-def cycle_units(urls: list[str], sizes: list[int], units: tuple[Unit, ...], rng: np.random.Generator,
-                read_timeout: float = 60.0) -> Iterator[dict]:
+def cycle_units(read: Callable[[int], Iterator], units: tuple[Unit, ...], rng: np.random.Generator) -> Iterator:
     """Units in a fresh random order on every pass, forever (training resampling)."""
     while True:
         for i in rng.permutation(len(units)):
-            yield from iter_units(urls, sizes, (units[i],), read_timeout)
+            yield from iter_units(read, (units[i],))
+
+
+def read_refs(read: Callable[[int], Iterator], refs: list[Ref]) -> Iterator:
+    """The samples at ``refs`` (sorted; repeats yield a sample again), each shard read once, in order."""
+    for shard, group in itertools.groupby(refs, key=lambda r: r[0]):
+        want = collections.Counter(i for _, i in group)
+        for i, sample in enumerate(read(shard)):
+            for _ in range(want.get(i, 0)):
+                yield sample
+
+
+def spread(refs: list[Ref], world_size: int, workers: int, batch_size: int) -> tuple[list[list[tuple]], int]:
+    """Spread what is left of an interrupted epoch over ``world_size x workers`` slots.
+
+    Every rank gets the same number of batches (DDP steps in lockstep); batch sizes differ by at
+    most one and none is empty; rank batch ``j`` comes from worker ``j % workers``. Each slot
+    gets a contiguous run of the sorted ``refs`` (few tars to read). Returns, per rank and
+    worker, ``(refs, batch sizes)``, and how many refs did not fit (only when fewer remain than
+    there are ranks, or batch_size is 1 and they do not divide evenly).
+    """
+    n = -(-len(refs) // (world_size * batch_size))
+    while n and world_size * n > len(refs):
+        n -= 1
+    total = world_size * n
+    used = min(len(refs), total * batch_size)
+    sizes = [used // total + (k < used % total) for k in range(total)] if total else []
+    out, start = [], 0
+    for r in range(world_size):
+        rank = []
+        for w in range(workers):
+            mine = [sizes[r * n + j] for j in range(w, n, workers)]
+            rank.append((refs[start:start + sum(mine)], mine))
+            start += sum(mine)
+        out.append(rank)
+    return out, len(refs) - used
 
 
 def shuffle(samples: Iterator[dict], bufsize: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -205,12 +249,14 @@ def take(samples: Iterator[dict], n: int) -> Iterator[dict]:
 
 
 def batched(samples: Iterator[dict], batch_size: int, size: int, reduced: bool, partial: bool,
-            device_decode: bool = False, alloc=None) -> Iterator[tuple[np.ndarray, np.ndarray, list, list | None]]:
+            device_decode: bool = False, alloc=None,
+            sizes: Iterator[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, list, list | None]]:
     """Decode samples into batch buffers; yield ``(images, masks, keys, jpegs)`` per batch.
 
     ``alloc()`` returns the buffers to fill, uint8 (B, S, S, 3) and (B, S, S): fresh arrays by
     default, or a slot of a worker's shared-memory ring (decoding writes straight into it).
-    A short last batch (``partial``) yields views of its first rows.
+    A short last batch (``partial``), or one shorter than ``batch_size`` because ``sizes`` says
+    so (the rest of an interrupted epoch), yields views of its first rows.
 
     With ``device_decode``, JPEG images are not decoded here: their bytes travel in ``jpegs``
     (None for rows decoded on the CPU, e.g. PNGs) and :func:`to_device` decodes them on the
@@ -218,12 +264,15 @@ def batched(samples: Iterator[dict], batch_size: int, size: int, reduced: bool, 
     """
     alloc = alloc or (lambda: (np.zeros((batch_size, size, size, 3), np.uint8),
                                np.empty((batch_size, size, size), np.uint8)))
+    sizes = iter(sizes) if sizes is not None else itertools.repeat(batch_size)
     images = masks = None
     keys: list[str] = []
     jpegs: list = []
+    want = 0
     for s in samples:
         if not keys:
             images, masks = alloc()
+            want = next(sizes)
         img_key = "image.jpg" if "image.jpg" in s else "image.png"
         i = len(keys)
         if device_decode and s[img_key][:2] == b"\xff\xd8":
@@ -233,8 +282,9 @@ def batched(samples: Iterator[dict], batch_size: int, size: int, reduced: bool, 
             jpegs.append(None)
         masks[i] = decode_mask(s["mask.png"], size)
         keys.append(s["__key__"])
-        if len(keys) == batch_size:
-            yield images, masks, keys, jpegs if device_decode else None
+        if len(keys) == want:
+            rows = slice(None) if want == batch_size else slice(want)
+            yield images[rows], masks[rows], keys, jpegs if device_decode else None
             keys, jpegs = [], []
     if keys and partial:
         n = len(keys)
@@ -252,16 +302,24 @@ def to_batch(images, masks, keys: list[str], jpegs: list | None) -> dict:
 
 
 # ------------------------------------------------------------------------- one rank's stream
+PLAN_KEYS = ("world_size", "num_workers", "batch_size", "seed")
+"""What a training epoch's sample order depends on (a resume with others is elastic)."""
+
+
 class ShardStream:
     """What one rank streams, as pure functions of (epoch, slot): plans, batch counts, batches.
 
     Holds no state and no handles, so worker processes get it whole (pickled under ``spawn``).
+    ``carry`` continues epoch ``carry_epoch`` after runs with other plans were interrupted in
+    it: ``({"plan": {world_size, num_workers, batch_size, seed}, "batch": batches taken per
+    rank}, ...)``, oldest first. That epoch then holds exactly the samples those runs had not
+    delivered (:func:`spread`); the others are as if nothing happened.
     """
 
     def __init__(self, urls: list[str], sizes: list[int], *, batch_size: int, image_size: int,
                  train: bool, seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  shuffle_buffer: int = 128, reduced_decode: bool = True, device_decode: bool = False,
-                 read_timeout: float = 60.0):
+                 read_timeout: float = 60.0, carry: tuple = (), carry_epoch: int | None = None):
         if len(urls) != len(sizes):
             raise ValueError("urls and sizes differ in length")
         self.urls, self.sizes = list(urls), list(sizes)
@@ -270,31 +328,44 @@ class ShardStream:
         self.num_workers, self.workers = num_workers, max(num_workers, 1)
         self.shuffle_buffer, self.reduced_decode = shuffle_buffer, reduced_decode
         self.device_decode, self.read_timeout = device_decode, read_timeout
+        self.carry, self.carry_epoch = tuple(carry), carry_epoch
         if train and batches_per_epoch(sizes, batch_size, world_size) == 0:
             raise UserError(
                 f"train split has {sum(sizes)} samples: too few for batch_size={batch_size} on "
                 f"{world_size} process(es); lower data.batch_size or add data"
             )
+        # Computed once here, before workers fork: they inherit it.
+        self.spread, self.dropped = ((), 0)
+        if self.carry:
+            self.spread, self.dropped = spread(sorted(self._left(self.carry).elements()), world_size,
+                                               self.workers, batch_size)
 
     @classmethod
     def from_config(cls, urls: list[str], sizes: list[int], data: DataConfig, *, train: bool, seed: int = 0,
-                    rank: int = 0, world_size: int = 1, batch_size: int = 0, num_workers: int = -1) -> ShardStream:
+                    rank: int = 0, world_size: int = 1, batch_size: int = 0, num_workers: int = -1,
+                    **kw) -> ShardStream:
         """The stream that the ``data.*`` keys describe (``batch_size``/``num_workers`` may override them)."""
         return cls(urls, sizes, batch_size=batch_size or data.batch_size, image_size=data.image_size, train=train,
                    seed=seed, rank=rank, world_size=world_size,
                    num_workers=data.num_workers if num_workers < 0 else num_workers,
                    shuffle_buffer=data.shuffle_buffer, reduced_decode=data.reduced_decode,
-                   device_decode=data.decode == "device", read_timeout=data.read_timeout)
+                   device_decode=data.decode == "device", read_timeout=data.read_timeout, **kw)
 
-    def plans(self, epoch: int) -> list[SlotPlan]:
-        """This rank's slot plans (one per worker)."""
-        nwk = self.workers
+    def plan(self) -> dict:
+        return {"world_size": self.world_size, "num_workers": self.num_workers, "batch_size": self.batch_size,
+                "seed": self.seed}
+
+    def plans(self, epoch: int, rank: int | None = None) -> list[SlotPlan]:
+        """A rank's slot plans (one per worker; this rank's by default)."""
+        nwk, rank = self.workers, self.rank if rank is None else rank
         return plan_epoch(self.sizes, batch_size=self.batch_size, world_size=self.world_size,
                           workers=self.num_workers, seed=self.seed, epoch=epoch,
-                          train=self.train)[self.rank * nwk:(self.rank + 1) * nwk]
+                          train=self.train)[rank * nwk:(rank + 1) * nwk]
 
     def num_batches(self, epoch: int, start_batch: int = 0) -> int:
         """Batches this rank yields in ``epoch`` from ``start_batch`` on."""
+        if self.train and self.carry and epoch == self.carry_epoch:
+            return sum(len(sizes) for _, sizes in self.spread[self.rank]) - start_batch
         if self.train:
             return sum(p.num_batches for p in self.plans(epoch)) - start_batch
         return sum(math.ceil(sum(u.size for u in p.units) / self.batch_size) for p in self.plans(epoch))
@@ -303,21 +374,66 @@ class ShardStream:
         """Batches slot ``w`` had delivered when the rank had taken ``start_batch`` (round-robin)."""
         return start_batch // self.workers + (w < start_batch % self.workers)
 
+    def _reader(self, refs_only: bool) -> Callable[[int], Iterator]:
+        if refs_only:
+            return lambda shard: ((shard, i) for i in range(self.sizes[shard]))
+        return lambda shard: read_samples(self.urls[shard], self.sizes[shard], self.read_timeout)
+
+    def train_order(self, epoch: int, w: int, rank: int | None = None,
+                    refs_only: bool = False) -> tuple[Iterator, list[int]]:
+        """Slot ``w``'s training samples of ``epoch`` in delivery order, and its batch sizes.
+
+        ``refs_only`` gives :data:`Ref` tuples instead of samples, in the same order, without
+        reading anything: what replays a plan for an elastic resume.
+        """
+        rank = self.rank if rank is None else rank
+        read = self._reader(refs_only)
+        if self.carry and epoch == self.carry_epoch:
+            refs, sizes = self.spread[rank][w]
+            rng = np.random.default_rng([self.seed, epoch, len(self.carry), rank * self.workers + w])
+            samples = iter(refs) if refs_only else read_refs(read, refs)
+            return shuffle(samples, self.shuffle_buffer, rng), sizes
+        plan = self.plans(epoch, rank)[w]
+        rng = np.random.default_rng([self.seed, epoch, rank * self.workers + w])
+        # take, then shuffle: the buffer would otherwise read (not decode) up to shuffle_buffer
+        # samples past the epoch's end, which nearly doubled tar reading per epoch here.
+        samples = take(cycle_units(read, plan.units, rng), plan.num_batches * self.batch_size)
+        return shuffle(samples, self.shuffle_buffer, rng), [self.batch_size] * plan.num_batches
+
     def slot_batches(self, epoch: int, w: int, skip: int = 0, alloc=None):
         """Slot ``w``'s batches of ``epoch`` after its first ``skip``, as :func:`batched` yields them."""
-        plan = self.plans(epoch)[w]
         if not self.train:
-            samples = iter_units(self.urls, self.sizes, plan.units, self.read_timeout)
+            samples = iter_units(self._reader(False), self.plans(epoch)[w].units)
             yield from batched(samples, self.batch_size, self.image_size, self.reduced_decode, partial=True,
                                device_decode=self.device_decode, alloc=alloc)
             return
-        rng = np.random.default_rng([self.seed, epoch, self.rank * self.workers + w])
-        # take, then shuffle: the buffer would otherwise read (not decode) up to shuffle_buffer
-        # samples past the epoch's end, which nearly doubled tar reading per epoch here.
-        samples = take(cycle_units(self.urls, self.sizes, plan.units, rng, self.read_timeout),
-                       plan.num_batches * self.batch_size)
-        samples = shuffle(samples, self.shuffle_buffer, rng)
-        for _ in range(skip * self.batch_size):  # skip without decoding
+        samples, sizes = self.train_order(epoch, w)
+        for _ in range(sum(sizes[:skip])):  # skip without decoding
             next(samples, None)
         yield from batched(samples, self.batch_size, self.image_size, self.reduced_decode, partial=False,
-                           device_decode=self.device_decode, alloc=alloc)
+                           device_decode=self.device_decode, alloc=alloc, sizes=sizes[skip:])
+
+    def epoch_refs(self, epoch: int, start_batch: int = 0, end_batch: int | None = None) -> collections.Counter:
+        """Every rank's samples of ``epoch`` between rank batches ``start_batch`` and ``end_batch``, as refs."""
+        out: collections.Counter = collections.Counter()
+        for rank in range(self.world_size):
+            for w in range(self.workers):
+                refs, sizes = self.train_order(epoch, w, rank, refs_only=True)
+                lo = sum(sizes[:self.delivered(w, start_batch)])
+                hi = sum(sizes[:self.delivered(w, end_batch)]) if end_batch is not None else sum(sizes)
+                out.update(itertools.islice(refs, lo, hi))
+        return out
+
+    def _left(self, segments: tuple) -> collections.Counter:
+        """What epoch ``carry_epoch`` still owes after ``segments`` (each run delivered its batches)."""
+        left = None
+        for k, seg in enumerate(segments):
+            plan = seg["plan"]
+            kw = dict(batch_size=plan["batch_size"], image_size=self.image_size, train=True, seed=plan["seed"],
+                      world_size=plan["world_size"], num_workers=plan["num_workers"],
+                      shuffle_buffer=self.shuffle_buffer, carry=segments[:k], carry_epoch=self.carry_epoch)
+            past = ShardStream(self.urls, self.sizes, **kw)
+            if left is None:
+                left = past.epoch_refs(self.carry_epoch)
+            left -= past.epoch_refs(self.carry_epoch, 0, seg["batch"])
+        return left

@@ -34,7 +34,7 @@ from .losses import create_loss
 from .models import create_model
 from .optim import EMA, create_optimizer, create_scheduler
 from .shards import ShardSet, open_shards
-from .stream import ShardStream, batches_per_epoch
+from .stream import PLAN_KEYS, ShardStream, batches_per_epoch
 from .track import RunLog, init_trackers, overlay_grid, plot_curves, tracker_names
 
 __all__ = ["run", "Loop", "train_one_epoch", "evaluate_and_save"]
@@ -54,6 +54,7 @@ class Loop:
     nonfinite: int = 0  # skipped non-finite steps, in all
     nonfinite_run: int = 0  # ... and in a row (the run stops at train.max_nonfinite)
     plan: dict = field(default_factory=dict)  # what the sample order depends on
+    carry: list = field(default_factory=list)  # earlier runs in this epoch with other plans (elastic resume)
 
 
 @dataclass
@@ -99,8 +100,8 @@ def run(cfg: Config) -> dict:
         acc, loop, metrics = t.accelerator, resume_or_start(t), {}
         acc.print(describe(t))
         # One loader for the whole run: its workers decode on into the next epoch while this one ends.
-        with Loader(train_stream(t), start_epoch=loop.epoch, end_epoch=cfg.train.epochs, start_batch=loop.batch,
-                    prefetch=cfg.data.prefetch) as loader:
+        with Loader(train_stream(t, loop), start_epoch=loop.epoch, end_epoch=cfg.train.epochs,
+                    start_batch=loop.batch, prefetch=cfg.data.prefetch) as loader:
             for epoch in range(loop.epoch, cfg.train.epochs):
                 loop, record = train_one_epoch(t, loader.epoch(epoch), loop)
                 if loop.epoch % cfg.train.eval_every == 0 or loop.epoch == cfg.train.epochs:
@@ -163,7 +164,7 @@ def train_one_epoch(t: Trainer, batches, loop: Loop) -> tuple[Loop, dict]:
             save_state(acc, t.states_dir, loop.step, dataclasses.asdict(loop), cfg.train.keep_last, t.extras)
     bar.close()
     record = {"event": "epoch", "epoch": loop.epoch + 1, **meter.epoch(acc.num_processes), **device_memory(acc)}
-    return dataclasses.replace(loop, epoch=loop.epoch + 1, batch=0), record
+    return dataclasses.replace(loop, epoch=loop.epoch + 1, batch=0, carry=[]), record
 
 
 def clip_gradients(t: Trainer) -> torch.Tensor:
@@ -282,7 +283,7 @@ def resume_or_start(t: Trainer) -> Loop:
         acc.print(f"ignoring torn state {torn} (left by a killed job)")
     candidates = find_resume(cfg.train.resume, t.states_dir)
     for path in candidates:
-        check_plan(json.loads((path / "loop.json").read_text()).get("plan", plan), plan, path)
+        elastic(Loop(**json.loads((path / "loop.json").read_text())), plan, path, lambda _: None)  # refuse early
         try:
             loop, failed = Loop(**load_state(acc, path, t.extras)), ""
         except UserError as e:
@@ -292,7 +293,7 @@ def resume_or_start(t: Trainer) -> Loop:
             if acc.is_main_process:
                 t.log.truncate_after(loop.step)  # drop what the killed run logged after this state
             acc.print(f"resumed from {path}: epoch {loop.epoch}, batch {loop.batch}, step {loop.step}")
-            return loop
+            return elastic(loop, plan, path, acc.print)
         if cfg.train.resume != "auto":
             raise UserError(failed or f"state {path} is damaged on another process")
         acc.print(f"{failed or f'state {path} is damaged on another process'}; falling back to the previous state")
@@ -303,11 +304,19 @@ def resume_or_start(t: Trainer) -> Loop:
     return Loop(plan=plan)
 
 
-def train_stream(t: Trainer) -> ShardStream:
-    """This rank's training samples: shuffled per (seed, epoch), the same batch count on every rank."""
+def train_stream(t: Trainer, loop: Loop) -> ShardStream:
+    """This rank's training samples: shuffled per (seed, epoch), the same batch count on every rank;
+    ``loop.carry`` holds what an elastic resume still owes of the current epoch."""
     acc = t.accelerator
-    return ShardStream.from_config(*t.shards.split("train"), t.cfg.data, train=True, seed=t.cfg.train.seed,
-                                   rank=acc.process_index, world_size=acc.num_processes)
+    stream = ShardStream.from_config(*t.shards.split("train"), t.cfg.data, train=True, seed=t.cfg.train.seed,
+                                     rank=acc.process_index, world_size=acc.num_processes,
+                                     carry=tuple(loop.carry), carry_epoch=loop.epoch if loop.carry else None)
+    if loop.carry and loop.batch == 0:
+        left = sum(len(refs) for rank in stream.spread for refs, _ in rank)
+        acc.print(f"epoch {loop.epoch}: the {left} samples the interrupted run had not trained yet are spread over "
+                  f"{acc.num_processes} process(es), {stream.num_batches(loop.epoch)} batches each"
+                  + (f"; {stream.dropped} did not fit evenly and are skipped" if stream.dropped else ""))
+    return stream
 
 
 def out_channels_for(cfg: Config, shards) -> int:
@@ -331,13 +340,24 @@ def set_train_mode(model, freeze_bn: bool) -> None:
                 m.eval()
 
 
-def check_plan(saved: dict, now: dict, path: Path) -> None:
-    diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
-    if diff:
-        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
-        raise UserError(f"cannot resume from {path}: the data plan changed ({what}); resume with the same "
-                        f"processes, data.num_workers, data.batch_size, optim.accumulate and train.seed, "
-                        f"or start a new run (train.name=...)")
+def elastic(saved: Loop, plan: dict, path: Path, print_fn) -> Loop:
+    """Continue ``saved`` under ``plan``. The seed and sample-order version must match; other
+    processes, workers or batch size are fine: the interrupted epoch's rest becomes a carry."""
+    fixed = {k: (saved.plan.get(k), plan[k]) for k in ("seed", "stream") if saved.plan.get(k) != plan[k]}
+    if fixed:
+        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in fixed.items())
+        raise UserError(f"cannot resume from {path}: the sample order changed ({what}); resume with the same "
+                        f"train.seed, or start a new run (train.name=...)")
+    changed = {k: (saved.plan.get(k), v) for k, v in plan.items() if saved.plan.get(k) != v}
+    if not changed:
+        return saved
+    print_fn("resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) +
+             " (the learning-rate schedule keeps its step count; its length follows the new steps per epoch)")
+    carry = list(saved.carry)
+    if saved.batch and any(k in changed for k in PLAN_KEYS):
+        carry.append({"plan": {k: saved.plan[k] for k in PLAN_KEYS}, "batch": saved.batch})
+        return dataclasses.replace(saved, plan=plan, carry=carry, batch=0)
+    return dataclasses.replace(saved, plan=plan)
 
 
 def start_fresh(run_dir: Path, accelerator, overwrite: bool) -> None:

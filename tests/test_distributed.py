@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,54 @@ def test_inf_gradients_with_a_finite_loss_skip_the_step_on_both_ranks(tmp_path):
     assert [r["count"] for r in rows if r.get("event") == "nonfinite"] == [1, 2, 3]  # 12 samples / (2 x 2)
     assert not [r for r in rows if r.get("event") == "train"]
 
+
+
+def trained_keys_by_epoch(run_dir: Path) -> dict[int, Counter]:
+    out: dict[int, Counter] = {}
+    for f in run_dir.glob("keys-rank*.jsonl"):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            out.setdefault(rec["epoch"], Counter()).update(rec["keys"])
+    return out
+
+
+@pytest.mark.timeout(900)
+def test_a_two_process_run_paused_mid_epoch_resumes_on_one_process_without_repeating_or_skipping(tmp_path):
+    import signal
+    import time
+
+    from segdist.errors import REQUEUE_EXIT
+    from segdist.shards import open_shards
+    from segdist.stream import ShardStream
+
+    shards = write_shards(tmp_path / "shards", {"train": [9, 8, 7], "val": [4, 4]}, size=64)
+    args = train_overrides(shards, tmp_path, "e", "train.epochs=2", "train.log_every=1", "train.resume=auto")
+    run_dir = tmp_path / "e"
+    procs = start_ranks(["tests/scripts/record_keys_train.py", *args], free_port())
+    deadline = time.time() + 300
+    while time.time() < deadline and len(step_losses(run_dir) if (run_dir / "metrics.jsonl").exists() else []) < 8:
+        assert all(p.poll() is None for p in procs), wait_all(procs)
+        time.sleep(0.05)
+    for p in procs:
+        os.kill(p.pid, signal.SIGUSR1)
+    assert [rc for rc, _ in wait_all(procs)] == [REQUEUE_EXIT] * 2
+    paused = json.loads((sorted((run_dir / "states").glob("step-*"))[-1] / "loop.json").read_text())
+    assert paused["epoch"] == 1 and 0 < paused["batch"] < 6
+
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.run([sys.executable, "tests/scripts/record_keys_train.py", *args], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "world_size 2 -> 1" in p.stdout and "spread over 1 process(es)" in p.stdout
+
+    # The epoch's plan under the original 2-process layout, every rank, decoded for real.
+    urls, sizes = open_shards(str(shards)).split("train")
+    plan = Counter()
+    for rank in range(2):
+        s = ShardStream(urls, sizes, batch_size=2, image_size=64, train=True, seed=42, rank=rank, world_size=2,
+                        num_workers=1)
+        plan.update(k for _, _, keys, _ in s.slot_batches(1, 0) for k in keys)
+    trained = trained_keys_by_epoch(run_dir)
+    assert trained[1] == plan  # each sample of the interrupted epoch exactly once
+    assert sum(trained[1].values()) == 24

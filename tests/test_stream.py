@@ -125,3 +125,72 @@ def test_pipe_command_shards_equal_local(shards):
     local = list(make_loader([str(path)], sizes, batch_size=4, image_size=32, train=False, pin_memory=False))
     assert [b["key"] for b in piped] == [b["key"] for b in local]
     assert all(torch.equal(p["image"], q["image"]) for p, q in zip(piped, local))
+
+
+# ------------------------------------------------------------------ elastic resume
+def elastic_stream(shards, world, workers, batch, carry=()):
+    urls, sizes = open_shards(str(shards)).split("train")
+    return ShardStream(urls, sizes, batch_size=batch, image_size=32, train=True, seed=3, world_size=world,
+                       num_workers=workers, shuffle_buffer=4, carry=carry, carry_epoch=1 if carry else None)
+
+
+def trained_keys(stream, epoch, stop=None):
+    """Keys every rank of ``stream`` trains in ``epoch`` (in its first ``stop`` batches), decoded for
+    real, and each rank's batch count."""
+    import copy
+
+    keys, per_rank = Counter(), []
+    for rank in range(stream.world_size):
+        s = copy.copy(stream)
+        s.rank = rank
+        batches = [list(s.slot_batches(epoch, w))[:None if stop is None else s.delivered(w, stop)]
+                   for w in range(s.workers)]
+        per_rank.append(sum(len(b) for b in batches))
+        keys.update(k for b in batches for _, _, ks, _ in b for k in ks)
+    return keys, per_rank
+
+
+@pytest.mark.parametrize("old,new,stop", [((2, 2, 2), (1, 0, 2), 2), ((2, 1, 3), (3, 2, 2), 1),
+                                          ((1, 0, 4), (2, 3, 1), 2), ((3, 2, 1), (2, 1, 5), 2)])
+def test_an_elastic_resume_trains_the_rest_of_the_epoch_exactly_once(shards, old, new, stop):
+    """(world, workers, batch) change mid-epoch: what the old ranks trained plus what the new ranks
+    train is the epoch's plan, each sample exactly once; every new rank yields as many batches."""
+    before = elastic_stream(shards, *old)
+    plan, _ = trained_keys(before, 1)
+    taken, _ = trained_keys(before, 1, stop)
+    after = elastic_stream(shards, *new, carry=({"plan": before.plan(), "batch": stop},))
+    rest, per_rank = trained_keys(after, 1)
+    assert after.dropped == 0 and 0 < sum(taken.values()) < sum(plan.values())
+    assert taken + rest == plan
+    assert len(set(per_rank)) == 1 and per_rank[0] == after.num_batches(1)
+    # the epochs after the interrupted one follow the new plan as if nothing had happened
+    assert trained_keys(after, 2)[0] == trained_keys(elastic_stream(shards, *new), 2)[0]
+
+
+def test_elastic_resumes_chain(shards):
+    """Interrupted twice in one epoch, each time resumed with another layout: still exactly once."""
+    first = elastic_stream(shards, 2, 2, 2)
+    seg1 = {"plan": first.plan(), "batch": 2}
+    second = elastic_stream(shards, 1, 1, 3, carry=(seg1,))
+    seg2 = {"plan": second.plan(), "batch": 1}
+    third = elastic_stream(shards, 2, 0, 1, carry=(seg1, seg2))
+    parts = [trained_keys(first, 1, 2)[0], trained_keys(second, 1, 1)[0], trained_keys(third, 1)[0]]
+    assert all(sum(p.values()) for p in parts)
+    assert parts[0] + parts[1] + parts[2] == trained_keys(first, 1)[0]
+
+
+@pytest.mark.parametrize("n,world,workers,batch", [(13, 2, 3, 4), (5, 3, 1, 8), (7, 1, 2, 1), (2, 3, 1, 4),
+                                                   (9, 2, 1, 1)])
+def test_spread_gives_every_rank_as_many_nonempty_batches_and_each_ref_once(n, world, workers, batch):
+    from segdist.stream import spread
+
+    refs = [(i % 3, i) for i in range(n)]
+    slots, dropped = spread(sorted(refs), world, workers, batch)
+    per_rank = [sum(len(sizes) for _, sizes in rank) for rank in slots]
+    sizes = [s for rank in slots for _, ss in rank for s in ss]
+    got = [r for rank in slots for rs, _ in rank for r in rs]
+    assert len(set(per_rank)) == 1
+    assert all(1 <= s <= batch for s in sizes) and (max(sizes) - min(sizes) <= 1 if sizes else True)
+    assert sorted(got + sorted(refs)[len(got):]) == sorted(refs) and len(got) + dropped == n
+    assert all(sum(ss) == len(rs) for rank in slots for rs, ss in rank)
+    assert dropped == 0 or n < world or batch == 1  # only when the refs cannot be spread evenly at all

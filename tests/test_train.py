@@ -189,20 +189,32 @@ def test_resume_auto_skips_torn_states(tmp_path):
         find_resume(str(states / "step-00000008"), states)
 
 
-def test_resume_with_a_different_plan_is_refused(tmp_path):
-    from segdist.train import check_plan
+def test_a_resume_keeps_the_seed_and_carries_the_epoch_into_another_layout(tmp_path):
+    import dataclasses
 
-    now = {"world_size": 2, "num_workers": 2, "batch_size": 8, "accumulate": 1, "seed": 0}
-    check_plan(dict(now), now, tmp_path)
-    with pytest.raises(UserError, match="world_size 1 -> 2"):
-        check_plan({**now, "world_size": 1}, now, tmp_path)
+    from segdist.train import Loop, elastic
+
+    plan = {"world_size": 2, "num_workers": 2, "batch_size": 8, "accumulate": 1, "seed": 0, "stream": 2}
+    saved = Loop(epoch=3, batch=5, step=40, plan=dict(plan))
+    said = []
+    assert elastic(saved, plan, tmp_path, said.append) == saved and not said
+    with pytest.raises(UserError, match="seed 0 -> 1"):
+        elastic(saved, {**plan, "seed": 1}, tmp_path, said.append)
+    moved = elastic(saved, {**plan, "world_size": 1}, tmp_path, said.append)
+    old = {k: plan[k] for k in ("world_size", "num_workers", "batch_size", "seed")}
+    assert (moved.epoch, moved.batch, moved.step, moved.carry) == (3, 0, 40, [{"plan": old, "batch": 5}])
+    assert moved.plan["world_size"] == 1 and "world_size 2 -> 1" in said[-1]
+    at_epoch_end = elastic(dataclasses.replace(saved, batch=0), {**plan, "world_size": 1}, tmp_path, said.append)
+    assert at_epoch_end.carry == [] and at_epoch_end.plan["world_size"] == 1
+    more_steps = elastic(saved, {**plan, "accumulate": 4}, tmp_path, said.append)  # same sample order
+    assert (more_steps.batch, more_steps.carry) == (5, [])
 
 
 def test_num_classes_that_contradicts_the_manifest_is_refused():
+    from types import SimpleNamespace
+
     from segdist.config import load_config
     from segdist.train import out_channels_for
-
-    from types import SimpleNamespace
 
     binary = SimpleNamespace(task="binary", num_classes=2)
     multi = SimpleNamespace(task="multiclass", num_classes=5)
@@ -260,3 +272,35 @@ def test_damaged_states_are_named_and_resume_auto_falls_back(shards, tmp_path):
     rng.write_bytes(bytes(size))  # same size, other bytes
     err = run_fails(train_cmd(shards, tmp_path, "d", *args, "train.epochs=4", f"train.resume={newest}"))
     assert "random_states_0.pkl differs from what was saved" in err
+
+
+@pytest.mark.slow
+def test_a_train_process_reads_the_remote_manifest_once(tmp_path):
+    """Over http(s) every manifest read is a request: one per `segdist train` process."""
+    import functools
+    import http.server
+    import threading
+    from collections import Counter
+
+    shards = write_shards(tmp_path / "s", {"train": [4, 4], "val": [2]}, size=64)
+    gets: Counter = Counter()
+
+    class Counting(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            gets[self.path] += 1
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Counting, directory=str(shards)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        run_ok(train_cmd(base, tmp_path, "http", "data.batch_size=4", "train.epochs=2"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert gets["/manifest.json"] == 1
+    assert gets["/train-000000.tar"] >= 2  # the shards themselves are streamed every epoch
