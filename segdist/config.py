@@ -27,8 +27,18 @@ from .errors import UserError
 class DataConfig:
     shards: str = ""
     """Shard folder (with ``manifest.json``) or an ``http(s)://`` base URL serving one."""
-    image_size: int = 256
-    """Side of the square uint8 batches the loader produces (and the model sees)."""
+    image_size: int | list[int] = 256
+    """Batch rows the model sees: S (square) or [H, W]. With ``resize`` short_side or none it is the
+    crop size (random crop in training, centred in validation; smaller samples are padded)."""
+    resize: str = "squash"
+    """How a sample becomes a batch row: ``squash`` (resized to image_size, aspect lost),
+    ``short_side`` (aspect kept, short side resized to ``short_side``, then crop/pad), ``none``
+    (native resolution, then crop/pad)."""
+    short_side: int = 0
+    """Short side after resizing in ``resize: short_side`` mode; 0 = the short side of image_size."""
+    scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    """Random resize range in training before the crop (``short_side`` and ``none`` modes), e.g.
+    [0.5, 2.0] for the classic RandomResize + RandomCrop recipe; validation uses 1."""
     batch_size: int = 8
     """Per-device batch size (global = world_size x batch_size x accumulate)."""
     val_batch_size: int = 0
@@ -86,9 +96,20 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     name: str = "auto"
-    """``auto`` (dice_bce for binary, dice_ce otherwise), ``dice_bce``, ``dice_ce``, ``bce``, ``ce``, ``dice``."""
+    """``auto`` (dice_bce for binary, dice_ce otherwise); sums ``dice_bce``, ``dice_ce``, ``dice_focal``,
+    ``lovasz_ce``; single terms ``bce``/``ce`` (the same: BCE for one logit), ``focal``, ``ohem_ce``, ``dice``,
+    ``lovasz`` (Lovász-softmax; Lovász hinge for binary). See segdist/losses.py."""
     dice_weight: float = 1.0
+    """Weight of the region term (Dice or Lovász) in a sum."""
     ce_weight: float = 1.0
+    """Weight of the pixel term (CE/BCE, focal or OHEM CE) in a sum."""
+    class_weights: str = "none"
+    """Per-class weights of the pixel terms from the train split's pixel counts in the shard manifest:
+    ``none``, ``median_freq`` (median(f) / f_c) or ``inv_sqrt`` (1 / sqrt(f_c), mean 1); absent classes 0."""
+    focal_gamma: float = 2.0
+    """Focal loss exponent: ``-(1 - p_t)^gamma log p_t``; 0 = cross-entropy."""
+    ohem_keep: float = 0.25
+    """OHEM CE: fraction of each batch's valid pixels kept, those with the highest loss; 1 = cross-entropy."""
 
 
 @dataclass
@@ -189,8 +210,15 @@ def _coerce(key: str, value, typ):
         if not isinstance(value, list):
             raise UserError(f"config key '{key}' expects a list like [0.5, 1.0], got {value!r}")
         return [_coerce(key, v, item) for v in value]
-    if origin in (typing.Union, types.UnionType):
-        raise NotImplementedError(typ)  # the schema uses no unions; keep it that way
+    if origin in (typing.Union, types.UnionType):  # e.g. image_size: int | list[int]
+        options = typing.get_args(typ)
+        for option in options:
+            try:
+                return _coerce(key, value, option)
+            except UserError:
+                continue
+        names = " or ".join("a list" if typing.get_origin(o) is list else o.__name__ for o in options)
+        raise UserError(f"config key '{key}' expects {names}, got {value!r}")
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):
@@ -260,7 +288,8 @@ class Range:
 _P = Range(0, 1, why="a probability")
 _COUNT, _POSITIVE = Range(0), Range(1)
 BOUNDS: dict[str, Range] = {
-    "data.image_size": Range(32), "data.batch_size": _POSITIVE, "data.val_batch_size": Range(0, why="0 = batch_size"),
+    "data.image_size": Range(32), "data.short_side": Range(0, why="0 = the short side of image_size"),
+    "data.scale": Range(0, lo_open=True, why="resize factors"), "data.batch_size": _POSITIVE, "data.val_batch_size": Range(0, why="0 = batch_size"),
     "data.num_workers": _COUNT, "data.prefetch": _POSITIVE, "data.shuffle_buffer": _POSITIVE,
     "data.read_timeout": Range(0, lo_open=True, why="seconds"),
     "augment.hflip": _P, "augment.vflip": _P, "augment.crop_p": _P, "augment.affine_p": _P,
@@ -270,7 +299,8 @@ BOUNDS: dict[str, Range] = {
     "augment.color_jitter": Range(0, 2, hi_open=True, why="hue gets a quarter of it and must stay below 0.5"),
     "augment.mean": Range(), "augment.std": Range(0, lo_open=True),
     "model.num_classes": Range(0, why="0 = from the manifest"),
-    "loss.dice_weight": Range(0), "loss.ce_weight": Range(0),
+    "loss.dice_weight": Range(0), "loss.ce_weight": Range(0), "loss.focal_gamma": Range(0, 10, why="an exponent"),
+    "loss.ohem_keep": Range(0, 1, lo_open=True, why="a fraction of the valid pixels"),
     "optim.lr": Range(0, lo_open=True), "optim.encoder_lr": Range(0, why="0 = lr"), "optim.weight_decay": Range(0),
     "optim.momentum": Range(0, 1, hi_open=True), "optim.warmup_steps": _COUNT, "optim.grad_clip": Range(0, why="0 = off"),
     "optim.accumulate": _POSITIVE, "optim.ema": Range(0, 1, hi_open=True, why="a decay; 0 = off"),
@@ -283,14 +313,15 @@ BOUNDS: dict[str, Range] = {
 
 def choices() -> dict[str, tuple[str, ...]]:
     """Allowed values of the keys that name a registered thing: the registries' own keys."""
-    from .losses import (
-        LOSSES,  # lazy: torch and SMP are only needed once a config is validated
-    )
+    # lazy: torch, OpenCV and SMP are only needed once a config is validated
+    from .decode import RESIZE_MODES
+    from .losses import CLASS_WEIGHTS, LOSSES
     from .optim import OPTIMIZERS, SCHEDULERS
 
     return {"train.mixed_precision": ("auto", "no", "fp16", "bf16"), "optim.name": tuple(OPTIMIZERS),
             "optim.scheduler": tuple(SCHEDULERS), "track.backend": ("wandb", "tensorboard", "none"),
-            "data.decode": ("cpu", "device"), "loss.name": ("auto", *LOSSES)}
+            "data.decode": ("cpu", "device"), "data.resize": RESIZE_MODES, "loss.name": ("auto", *LOSSES),
+            "loss.class_weights": tuple(CLASS_WEIGHTS)}
 
 
 def check_section(name: str, section) -> None:
@@ -313,9 +344,13 @@ def check_section(name: str, section) -> None:
         if not section.mean or len(section.mean) != len(section.std):
             raise UserError(f"config keys 'augment.mean'/'augment.std' need the same number of values; "
                             f"got mean={section.mean} std={section.std}")
-    if name == "data" and section.image_size % 32:
-        raise UserError(f"config key 'data.image_size' must be a multiple of 32 (the encoder downsamples 5 "
-                        f"times); got {section.image_size}")
+    if name == "data":
+        size = section.image_size if isinstance(section.image_size, list) else [section.image_size]
+        if len(size) not in (1, 2) or any(s % 32 for s in size):
+            raise UserError(f"config key 'data.image_size' must be S or [H, W], each a multiple of 32 (the encoder "
+                            f"downsamples 5 times); got {section.image_size}")
+        if len(section.scale) != 2 or section.scale[0] > section.scale[1]:
+            raise UserError(f"config key 'data.scale' must be [min, max] with min <= max; got {section.scale}")
 
 
 def _validate(cfg: Config) -> None:

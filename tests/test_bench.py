@@ -99,3 +99,71 @@ def test_bench_decode_compares_decoders_on_real_photos(capsys):
         assert v["img_s"] > 0, name
         # same photo, same resize: a swapped channel order or a rotated image would be far above this
         assert v["mean_abs_diff"] < 4, (name, v)
+
+
+# ----------------------------------------------------------------------------- bench train
+TRAIN_KEYS = {"img_s", "s_per_step", "data_wait", "minflt_per_s", "main_minflt_per_s", "minflt_per_step",
+              "peak_rss_mb", "main_max_rss_mb", "background_cpus", "mallopt_applied", "torch_threads"}
+
+
+def test_minor_faults_count_pages_first_touched_here_and_in_children():
+    import multiprocessing
+
+    from segdist.bench import minor_faults
+
+    before, own_before = minor_faults()
+    block = bytearray(32 * 1024 * 1024)  # calloc'ed by mmap: every page faults on first write
+    block[::4096] = b"\x01" * len(block[::4096])
+    after, own_after = minor_faults()
+    assert own_after - own_before >= 8000 and after - before >= own_after - own_before
+    child = multiprocessing.get_context("fork").Process(target=lambda: bytearray(32 * 1024 * 1024)[::4096].count(0))
+    child.start()
+    child.join()  # reaped: its faults are in RUSAGE_CHILDREN
+    done, own_done = minor_faults()
+    assert done - after >= (own_done - own_after) + 1000
+    del block
+
+
+def test_bench_train_checks_its_arguments():
+    from segdist.bench import TrainArgs, run_train_bench
+
+    for args, needle in [(TrainArgs(steps=0), "--steps"), (TrainArgs(size=48), "multiple of 32"),
+                         (TrainArgs(malloc=("jemalloc",)), "--malloc")]:
+        with pytest.raises(UserError, match=needle):
+            run_train_bench(args)
+
+
+@pytest.mark.slow
+def test_bench_train_json_smoke(capsys):
+    """Both loops at 64 px, 2 timed steps each in fresh processes: positive rates, the keys docs/benchmarks.md cites."""
+    source = require_dataset(HUMAN_SEG)
+    assert main(["bench", "train", "--source", str(source), "--limit", "8", "--size", "64", "--batch", "4",
+                 "--steps", "2", "--warmup", "1", "--threads", "1", "--json"]) == 0  # 1 thread: robust to a busy CI box
+    r = json.loads(capsys.readouterr().out)
+    assert (r["size"], r["batch"], r["steps"], r["samples"], r["threads"]) == (64, 4, 2, 8, 1)
+    run = r["runs"]["default"]
+    for loop in ("course", "segdist"):
+        assert TRAIN_KEYS <= set(run[loop]), loop
+        for key in ("img_s", "minflt_per_s", "peak_rss_mb", "main_max_rss_mb"):
+            assert run[loop][key] > 0, (loop, key)
+        assert 0 <= run[loop]["data_wait"] < 1
+    assert run["speedup_vs_course"] == pytest.approx(run["segdist"]["img_s"] / run["course"]["img_s"], rel=0.01)
+
+
+def test_tune_malloc_applies_on_glibc_and_respects_the_users_variables():
+    """In a fresh interpreter (the settings last for the process): True on glibc, False where the user tuned malloc."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    from segdist.memory import USER_VARS
+
+    env = {k: v for k, v in os.environ.items() if k not in USER_VARS}
+    code = "from segdist.memory import tune_malloc; print(tune_malloc(), tune_malloc())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert out.split() == ([str(glibc)] * 2)
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "MALLOC_ARENA_MAX": "2"}, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

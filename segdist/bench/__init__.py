@@ -1,0 +1,20 @@
+"""``segdist bench``: honest numbers, measured on the machine at hand (docs/benchmarks.md).
+
+* ``data`` (:mod:`.data`): the course loader vs the segdist stream vs the decode limit.
+* ``decode`` (:mod:`.decode`): JPEG decoders on the same shard bytes.
+* ``train`` (:mod:`.train`): the course's training loop vs segdist's training step.
+
+:mod:`.common` holds what they share (timing, RSS and CPU accounting, the course loader, the
+shards built from the source CSV); :mod:`.cli` the sub-commands.
+"""
+
+from .cli import add_cli
+from .common import (BenchArgs, OtherCpu, PeakRss, Timing, build_bench_shards, course_loader, read_course_csv,
+                     source_csv, time_epochs, tree_rss)
+from .data import run_data_bench
+from .decode import run_decode_bench
+from .train import TrainArgs, minor_faults, run_train_bench
+
+__all__ = ["add_cli", "BenchArgs", "OtherCpu", "PeakRss", "Timing", "build_bench_shards", "course_loader",
+           "read_course_csv", "source_csv", "time_epochs", "tree_rss", "run_data_bench", "run_decode_bench",
+           "TrainArgs", "minor_faults", "run_train_bench"]

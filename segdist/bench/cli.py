@@ -1,0 +1,103 @@
+"""The ``segdist bench`` sub-commands."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+
+from ..shards import open_shards
+from .common import DEFAULT_SOURCE, BenchArgs, build_bench_shards, check_args, read_course_csv, source_csv
+from .data import format_table, run_data_bench
+from .decode import format_decode_table, run_decode_bench
+from .train import MALLOC_SETTINGS, TrainArgs, format_train_table, run_train_bench
+
+
+
+
+# ----------------------------------------------------------------------------- CLI
+def _source_args(parser, min_seconds: float | None, what: str) -> None:
+    """The options the benches share: which samples, at what size, for how long (None: no
+    ``--min-seconds``), printed how."""
+    parser.add_argument("--shards", help=f"shard folder to {what} (default: build one from --source into a temp dir)")
+    parser.add_argument("--source", default=DEFAULT_SOURCE,
+                        help=f"folder with train.csv (images,masks columns) or the CSV (default {DEFAULT_SOURCE})")
+    parser.add_argument("--split", default="train", help="shard split to use (default train)")
+    parser.add_argument("--size", type=int, default=320, help="output side in pixels (default 320)")
+    parser.add_argument("--max-side", type=int, default=0,
+                        help="when building shards: downscale so the longer side is <= N (0 = keep originals)")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N rows of the CSV (0 = all)")
+    if min_seconds is not None:
+        parser.add_argument("--min-seconds", type=float, default=min_seconds,
+                            help=f"measure each candidate at least this long (default {min_seconds:g})")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def add_cli(sub) -> None:
+    """Register ``segdist bench data``, ``decode`` and ``train`` on an argparse sub-parsers object."""
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    d = bsub.add_parser("data", help="course loader vs segdist stream vs decode limit, one run",
+                        description="The course loader vs the segdist stream vs the decode limit, in one run "
+                                    "(see docs/benchmarks.md).")
+    _source_args(d, 10.0, "stream")
+    d.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    d.add_argument("--workers", type=int, default=2, help="loader worker processes (default 2)")
+    d.add_argument("--rss", action="store_true", help="also measure the stream's peak RSS with 1x and 10x shards")
+    d.set_defaults(func=_cmd_data)
+    k = bsub.add_parser("decode", help="JPEG decoders compared on the same shard bytes (speed, difference)",
+                        description="Single-thread speed of each JPEG decoder (+ the same resize) on the shards' "
+                                    "images, and its mean difference from full-size OpenCV decoding.")
+    _source_args(k, 2.0, "decode")
+    k.set_defaults(func=_cmd_decode)
+    t = bsub.add_parser("train", help="the course's training loop vs segdist's training step (CPU), one run",
+                        description="Images/s, data-wait, minor page faults and peak RSS of the course's training "
+                                    "loop and of segdist's training step, each in a fresh process, under each "
+                                    "--malloc setting (see docs/benchmarks.md).")
+    _source_args(t, None, "train on")
+    t.add_argument("--batch", type=int, default=16, help="batch size (default 16, as the course)")
+    t.add_argument("--workers", type=int, default=2, help="data loader worker processes for both (default 2)")
+    t.add_argument("--steps", type=int, default=10, help="timed steps per loop (default 10)")
+    t.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    t.add_argument("--malloc", default="default",
+                   help=f"glibc allocator setting(s), comma-separated: {', '.join(MALLOC_SETTINGS)}, or all "
+                        f"(default: default)")
+    t.add_argument("--precision", choices=("no", "bf16"), default="no", help="segdist's step under bf16 autocast")
+    t.add_argument("--channels-last", action="store_true", help="segdist's model and input in channels_last")
+    t.add_argument("--threads", type=int, default=0, help="torch threads in both loops (default 0: one per core)")
+    t.set_defaults(func=_cmd_train)
+
+
+def _cmd_data(args) -> int:
+    result = run_data_bench(BenchArgs(shards=args.shards, source=args.source, split=args.split, size=args.size,
+                                      batch=args.batch, workers=args.workers, max_side=args.max_side,
+                                      limit=args.limit, min_seconds=args.min_seconds, rss=args.rss))
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def _cmd_decode(args) -> int:
+    check_args(BenchArgs(size=args.size, max_side=args.max_side, limit=args.limit, min_seconds=args.min_seconds))
+    with tempfile.TemporaryDirectory(prefix="segdist-bench-") as tmp:
+        if args.shards:
+            shard_dir = args.shards
+        else:
+            rows = read_course_csv(source_csv(args.source), args.limit)
+            shard_dir = str(build_bench_shards(rows, Path(tmp) / "shards", args.max_side, 2))
+        urls, _ = open_shards(shard_dir).split(args.split)
+        result = run_decode_bench(urls, args.size, args.min_seconds)
+    result["max_side"] = args.max_side if not args.shards else None
+    print(json.dumps(result) if args.json else format_decode_table(result))
+    return 0
+
+
+def _cmd_train(args) -> int:
+    malloc = tuple(MALLOC_SETTINGS) if args.malloc == "all" else tuple(args.malloc.split(","))
+    result = run_train_bench(TrainArgs(shards=args.shards, source=args.source, split=args.split, size=args.size,
+                                       batch=args.batch, workers=args.workers, max_side=args.max_side,
+                                       limit=args.limit, steps=args.steps, warmup=args.warmup, malloc=malloc,
+                                       precision=args.precision, channels_last=args.channels_last,
+                                       threads=args.threads))
+    print(json.dumps(result) if args.json else format_train_table(result))
+    return 0

@@ -1,0 +1,251 @@
+"""``segdist bench train``: the course's training loop vs segdist's training step, in one run."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import multiprocessing
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from ..errors import UserError
+from ..shards import open_shards
+from .common import (BenchArgs, OtherCpu, PeakRss, build_bench_shards, check_args, course_loader, cpu_model,
+                     read_course_csv, source_csv)
+from .data import stream_epochs
+
+
+
+
+# ----------------------------------------------------------------------------- training step
+def _proc_minflt(pid: int) -> int:
+    """Minor faults of live process ``pid`` and of its reaped children (/proc/PID/stat minflt + cminflt)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after "(comm)", which may hold spaces
+    return int(fields[7]) + int(fields[8])
+
+
+def minor_faults() -> tuple[int, int]:
+    """(minor page faults of this process tree so far, of this process alone).
+
+    The tree is this process, its reaped children (``RUSAGE_CHILDREN``) and its live descendants
+    (/proc). A child alive at one reading and reaped by the next moves from the second term to
+    the first with its whole count, so a difference of two readings counts each fault once.
+    """
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    total = own + resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(OSError):  # exited between listing and reading: counted once reaped
+            total += _proc_minflt(child.pid)
+    return total, own
+
+
+@dataclass
+class TrainArgs(BenchArgs):
+    steps: int = 10
+    """Measured optimiser steps per loop (after ``warmup``)."""
+    warmup: int = 2
+    """Steps run before the clock starts (first-touch allocations, kernel selection, worker start-up)."""
+    malloc: tuple[str, ...] = ("default",)
+    """Which :data:`MALLOC_SETTINGS` to measure, each in fresh processes."""
+    precision: str = "no"
+    """segdist's step under ``bf16`` autocast, or ``no`` (float32). The course loop is always float32."""
+    channels_last: bool = False
+    """segdist's model and input in channels_last memory format (``model.channels_last``)."""
+    threads: int = 0
+    """torch intra-op threads in both loops; 0 = torch's default (one per core)."""
+
+
+def _course_stepper(args: TrainArgs, rows: list, urls: list, sizes: list, stack: contextlib.ExitStack):
+    """The course's loop, as the course writes it: Unet + Dice(binary) + BCEWithLogits, Adam(3e-3),
+    float batches from ``course_loader`` (a new DataLoader iterator every epoch)."""
+    import segmentation_models_pytorch as smp
+
+    model = smp.Unet(encoder_name="tu-efficientnet_lite0", encoder_weights=None, in_channels=3, classes=1,
+                     activation=None)
+    dice, bce = smp.losses.DiceLoss(mode="binary"), torch.nn.BCEWithLogitsLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loader = course_loader(rows, args.size, args.batch, args.workers)
+    batches = (b for _ in itertools.count() for b in loader)  # epochs forever, a new iterator each
+    model.train()
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        images, masks = next(batches)
+        wait = time.perf_counter() - t0
+        optimizer.zero_grad()
+        logits = model(images)
+        loss = dice(logits, masks) + bce(logits, masks)
+        loss.backward()
+        optimizer.step()
+        loss.item()  # the course sums loss.item() per batch
+        return wait
+
+    return step
+
+
+def _segdist_stepper(args: TrainArgs, rows: list, urls: list, sizes: list, stack: contextlib.ExitStack):
+    """segdist's training step from its public pieces, as ``train.train_one_epoch`` runs it without
+    Accelerate: Loader -> to_device -> DeviceAugment -> model (autocast) -> Dice+BCE -> backward ->
+    clip to ``optim.grad_clip`` -> Adam(3e-3, as the course) -> zero_grad(set_to_none)."""
+    from ..augment import DeviceAugment
+    from ..config import AugmentConfig, LossConfig, ModelConfig, OptimConfig
+    from ..decode import to_device
+    from ..losses import create_loss
+    from ..models import create_model
+    from ..optim import create_optimizer
+
+    device = torch.device("cpu")
+    model = create_model(ModelConfig(pretrained="none"), 1)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optim_cfg = OptimConfig(name="adam", lr=3e-3, weight_decay=0.0)
+    optimizer, loss_fn = create_optimizer(optim_cfg, model), create_loss(LossConfig(), 1)
+    aug = DeviceAugment(AugmentConfig(), train=True)
+    make_epoch = stack.enter_context(stream_epochs(urls, sizes, args))
+    batches = (b for e in itertools.count() for b in make_epoch(e))
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        wait = time.perf_counter() - t0
+        x, y = aug(*to_device(batch, device))
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, optim_cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return wait
+
+    return step
+
+
+LOOPS = {"course": _course_stepper, "segdist": _segdist_stepper}
+"""Training loops ``segdist bench train`` compares: (args, rows, urls, sizes, exit stack) -> step() -> data-wait s."""
+
+MALLOC_SETTINGS = {"default": "glibc's defaults (no MALLOC_* variables)",
+                   "env": "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 in the environment at start-up",
+                   "mallopt": "segdist.memory.tune_malloc() called first thing in the process"}
+"""How each loop's process is started: glibc's allocator settings to compare (see segdist/memory.py)."""
+
+
+def _measure_loop(loop: str, args: TrainArgs, rows: list, urls: list, sizes: list, malloc: str) -> dict:
+    """Run in a fresh process: ``warmup`` steps, then ``steps`` timed ones; rates over the timed ones."""
+    from ..memory import tune_malloc
+
+    tuned = tune_malloc() if malloc == "mallopt" else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    with contextlib.ExitStack() as stack:
+        step = LOOPS[loop](args, rows, urls, sizes, stack)
+        for _ in range(args.warmup):
+            step()
+        faults0, own0 = minor_faults()
+        wait, t0 = 0.0, time.perf_counter()
+        with PeakRss() as rss, OtherCpu() as other:
+            for _ in range(args.steps):
+                wait += step()
+        seconds = time.perf_counter() - t0
+        faults1, own1 = minor_faults()
+    import resource
+
+    return {"img_s": round(args.steps * args.batch / seconds, 3), "s_per_step": round(seconds / args.steps, 4),
+            "data_wait": round(wait / seconds, 4),
+            "minflt_per_s": round((faults1 - faults0) / seconds), "main_minflt_per_s": round((own1 - own0) / seconds),
+            "minflt_per_step": round((faults1 - faults0) / args.steps),
+            "peak_rss_mb": round(rss.mb, 1),
+            "main_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "background_cpus": round(other.cpus, 2), "mallopt_applied": tuned, "torch_threads": torch.get_num_threads()}
+
+
+@contextlib.contextmanager
+def _malloc_env(setting: str):
+    """os.environ for a process started now under ``setting``: the user's MALLOC_* variables removed, and
+    :data:`segdist.memory.ENV` added for ``env``. Restored afterwards."""
+    from ..memory import ENV, USER_VARS
+
+    saved = dict(os.environ)
+    for var in USER_VARS:
+        os.environ.pop(var, None)
+    if setting == "env":
+        os.environ.update(ENV)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _in_fresh_process(fn: Callable, *fn_args):
+    """``fn(*fn_args)`` in a new interpreter (spawn), so allocator settings and heap state start clean."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *fn_args).result()
+
+
+def run_train_bench(args: TrainArgs) -> dict:
+    """Both training loops under each malloc setting, each in its own fresh process, one after the other."""
+    check_args(args)
+    checks = [(args.steps >= 1, f"--steps must be >= 1 (got {args.steps})"),
+              (args.warmup >= 0, f"--warmup must be >= 0 (got {args.warmup})"),
+              (args.threads >= 0, f"--threads must be >= 0 (got {args.threads})"),
+              (args.size % 32 == 0, f"--size must be a multiple of 32 (the encoder downsamples 5 times; got {args.size})"),
+              (all(m in MALLOC_SETTINGS for m in args.malloc),
+               f"--malloc takes {', '.join(MALLOC_SETTINGS)} or all (got {', '.join(args.malloc)})")]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    rows = read_course_csv(source_csv(args.source), args.limit)
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="segdist-bench-") as tmp:
+        shard_dir = args.shards or str(build_bench_shards(rows, Path(tmp) / "shards", args.max_side,
+                                                          max(args.workers, 1)))
+        urls, sizes = open_shards(shard_dir).split(args.split)
+        for setting in args.malloc:
+            run = {}
+            for loop in LOOPS:
+                with _malloc_env(setting):
+                    run[loop] = _in_fresh_process(_measure_loop, loop, args, rows, urls, sizes, setting)
+            run["speedup_vs_course"] = round(run["segdist"]["img_s"] / run["course"]["img_s"], 3)
+            runs[setting] = run
+    return {"runs": runs, "malloc_settings": {m: MALLOC_SETTINGS[m] for m in args.malloc},
+            "size": args.size, "batch": args.batch, "workers": args.workers, "steps": args.steps,
+            "warmup": args.warmup, "precision": args.precision, "channels_last": args.channels_last,
+            "threads": args.threads or torch.get_num_threads(),
+            "max_side": args.max_side if not args.shards else None, "samples": sum(sizes), "device": "cpu",
+            "cpus": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__}
+
+
+def format_train_table(r: dict) -> str:
+    lines = [f"segdist bench train: size {r['size']}, batch {r['batch']}, {r['steps']} steps after {r['warmup']} "
+             f"warm-up, {r['workers']} workers, segdist precision {r['precision']}"
+             f"{', channels_last' if r['channels_last'] else ''}; {r['cpus']} CPUs ({r['cpu']})",
+             f"{'malloc':<8} {'loop':<8} {'img/s':>7} {'x course':>9} {'data-wait':>10} {'faults/s':>10} "
+             f"{'main f/s':>10} {'peak RSS MB':>12}"]
+    for setting, run in r["runs"].items():
+        for loop in LOOPS:
+            m = run[loop]
+            lines.append(f"{setting:<8} {loop:<8} {m['img_s']:>7.2f} {m['img_s'] / run['course']['img_s']:>8.2f}x "
+                         f"{100 * m['data_wait']:>9.1f}% {m['minflt_per_s']:>10} {m['main_minflt_per_s']:>10} "
+                         f"{m['peak_rss_mb']:>12.1f}")
+    busy = max(m["background_cpus"] for run in r["runs"].values() for m in (run["course"], run["segdist"]))
+    if busy > 0.1:
+        lines.append(f"WARNING: other processes kept {busy:.2f} CPUs busy during a measurement; "
+                     f"re-run on an idle machine")
+    return "\n".join(lines)
