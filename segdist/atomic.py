@@ -30,6 +30,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -68,11 +69,15 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True):
         raise
 
 
+def _umask() -> int:
+    umask = os.umask(0)  # the only way to read the umask is to set it
+    os.umask(umask)
+    return umask
+
+
 def shared_mode_dir(path: str | os.PathLike) -> None:
     """Give a folder made by ``mkdtemp`` (mode 0700) the mode ``mkdir`` would: ``0o777 & ~umask``.
 
     For output meant to be shared (datasets, shard folders) that is built in an :func:`atomic_dir`.
     """
-    umask = os.umask(0)  # the only way to read the umask is to set it
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
+    os.chmod(path, 0o777 & ~_umask())

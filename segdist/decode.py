@@ -18,7 +18,8 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["jpeg_size", "decode_image", "resize_square", "decode_mask", "to_device"]
+__all__ = ["jpeg_size", "as_hw", "decode_image", "decode_rgb", "resize_to", "resize_square", "decode_mask",
+           "scaled_size", "place", "RESIZE_MODES", "to_device"]
 
 cv2.setNumThreads(1)  # one decode per worker process; OpenCV's own pool only oversubscribes
 
@@ -54,20 +55,26 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def decode_image(data: bytes, size: int, reduced: bool = True, out: np.ndarray | None = None,
-                 orient: bool = False) -> np.ndarray:
-    """JPEG/PNG bytes -> uint8 (size, size, 3) RGB (written into ``out`` when given).
+def as_hw(size) -> tuple[int, int]:
+    """``data.image_size`` (S or [H, W]) as (H, W)."""
+    if isinstance(size, (list, tuple)):
+        h, w = size
+        return int(h), int(w)
+    return int(size), int(size)
 
-    With ``reduced``, libjpeg decodes JPEGs at 1/2, 1/4 or 1/8 scale when the result is still at
-    least ``size`` on its short side: fewer pixels decoded, same area-resized output quality.
-    ``orient`` applies EXIF orientation: shards have it applied at build time, user files
-    (``segdist predict``) do not.
+
+def _imdecode(data: bytes, min_hw: tuple[int, int] | None, reduced: bool, orient: bool) -> np.ndarray:
+    """Bytes -> uint8 (h, w, 3), RGB when OpenCV can decode straight to it (else BGR: see callers).
+
+    With ``reduced`` and ``min_hw``, libjpeg decodes a JPEG at 1/2, 1/4 or 1/8 scale while that
+    still covers ``min_hw``: fewer pixels decoded, the same output after an area resize.
     """
     flag = cv2.IMREAD_COLOR
-    if reduced and data[:2] == b"\xff\xd8":
+    if reduced and min_hw is not None and data[:2] == b"\xff\xd8":
         wh = jpeg_size(data)  # None: a malformed header; full decode then fails with a clear error
         if wh is not None:
-            flag = next((f for factor, f in _REDUCED if min(wh) // factor >= size), flag)
+            flag = next((f for factor, f in _REDUCED if wh[0] // factor >= min_hw[1] and wh[1] // factor >= min_hw[0]),
+                        flag)
     if _RGB is not None:
         flag = (flag & ~cv2.IMREAD_COLOR) | _RGB
     if not orient:
@@ -75,35 +82,116 @@ def decode_image(data: bytes, size: int, reduced: bool = True, out: np.ndarray |
     img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     if img is None:
         raise UserError("cannot decode an image in the shards; run `segdist shards verify`")
+    return img
+
+
+def decode_image(data: bytes, size, reduced: bool = True, out: np.ndarray | None = None,
+                 orient: bool = False) -> np.ndarray:
+    """JPEG/PNG bytes -> uint8 (H, W, 3) RGB squashed to ``size`` (S or (H, W)), into ``out`` when given.
+
+    ``orient`` applies EXIF orientation: shards have it applied at build time, user files
+    (``segdist predict``) do not.
+    """
+    hw = as_hw(size)
+    img = _imdecode(data, hw, reduced, orient)
     if _RGB is None:  # OpenCV < 4.10: swap channels after the resize, on fewer pixels
-        img = cv2.cvtColor(resize_square(img, size), cv2.COLOR_BGR2RGB)
+        img = cv2.cvtColor(resize_to(img, hw), cv2.COLOR_BGR2RGB)
         if out is None:
             return img
         out[...] = img
         return out
-    return resize_square(img, size, out)
+    return resize_to(img, hw, out)
 
 
-def resize_square(img: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
-    """uint8 (H, W, C) -> (size, size, C), written straight into ``out`` (a batch row) when given.
+def decode_rgb(data: bytes, min_hw: tuple[int, int] | None = None, reduced: bool = True,
+               orient: bool = False) -> np.ndarray:
+    """JPEG/PNG bytes -> uint8 (h, w, 3) RGB at native size, or reduced (1/2, 1/4, 1/8) while it
+    still covers ``min_hw``; the caller resizes to the exact size it needs with :func:`resize_to`."""
+    img = _imdecode(data, min_hw, reduced, orient)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if _RGB is None else img
 
-    Area averaging only where aliasing would show (>= 2x down); below that bilinear is 3x cheaper
-    and what the classic loader uses too.
+
+def resize_to(img: np.ndarray, hw: tuple[int, int], out: np.ndarray | None = None,
+              nearest: bool = False) -> np.ndarray:
+    """uint8 (h, w[, C]) -> (H, W[, C]), written straight into ``out`` (a batch row) when given.
+
+    The one resize rule of images (train, eval, predict): area averaging only where aliasing
+    would show (>= 2x down on both axes); below that bilinear, 3x cheaper and what the classic
+    loader uses too. ``nearest`` for masks: class ids stay ids.
     """
-    interp = cv2.INTER_AREA if min(img.shape[:2]) >= 2 * size else cv2.INTER_LINEAR
-    r = cv2.resize(img, (size, size), dst=out, interpolation=interp)
+    h, w = hw
+    if nearest:
+        interp = cv2.INTER_NEAREST
+    else:
+        interp = cv2.INTER_AREA if img.shape[0] >= 2 * h and img.shape[1] >= 2 * w else cv2.INTER_LINEAR
+    if img.shape[:2] == (h, w) and out is None:
+        return img
+    r = cv2.resize(img, (w, h), dst=out, interpolation=interp)
     if out is not None and r.ctypes.data != out.ctypes.data:  # OpenCV allocated instead (``out`` not contiguous)
         out[...] = r
         return out
     return r
 
 
-def decode_mask(data: bytes, size: int) -> np.ndarray:
-    """8-bit index PNG bytes -> uint8 (size, size), nearest resize (class ids stay ids)."""
+def resize_square(img: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """:func:`resize_to` a (size, size) square."""
+    return resize_to(img, (size, size), out)
+
+
+RESIZE_MODES = ("squash", "short_side", "none")
+"""How a sample becomes a batch row (``data.resize``): squash to the size; keep the aspect and
+resize the short side to ``data.short_side``; or keep the native resolution. The last two then
+crop (random in training, centred in validation) or pad to ``data.image_size``."""
+
+
+def scaled_size(mode: str, h: int, w: int, image_hw: tuple[int, int], short_side: int = 0,
+                scale: float = 1.0) -> tuple[int, int]:
+    """The (H', W') an (h, w) image is resized to before any crop or pad, in resize ``mode``.
+
+    ``squash``: ``image_hw``. ``short_side``: the short side becomes ``short_side`` (0: the short
+    side of ``image_hw``) times ``scale``. ``none``: native times ``scale``. ``scale`` is the
+    random resize of training (1 in validation and inference).
+    """
+    if mode == "squash":
+        return image_hw
+    f = scale * ((short_side or min(image_hw)) / min(h, w) if mode == "short_side" else 1.0)
+    return max(1, round(h * f)), max(1, round(w * f))
+
+
+def decode_mask(data: bytes, size=None) -> np.ndarray:
+    """8-bit index PNG bytes -> uint8 (H, W) class ids, nearest-resized to ``size`` (S or (H, W);
+    None: native size)."""
     m = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if m is None or m.ndim != 2:
         raise UserError("a mask in the shards is not a 1-channel index PNG; rebuild with `segdist shards build`")
-    return cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST)
+    return m if size is None else resize_to(m, as_hw(size), nearest=True)
+
+
+def place(image: bytes, mask: bytes, mode: str, hw: tuple[int, int], out_image: np.ndarray,
+          out_mask: np.ndarray, *, short_side: int = 0, scale: tuple[float, float] = (1.0, 1.0),
+          rng: np.random.Generator | None = None, reduced: bool = True, ignore: int = 255) -> None:
+    """Decode one sample into batch rows ``out_image`` uint8 (H, W, 3) and ``out_mask`` (H, W)
+    in a crop/pad resize mode (``short_side`` or ``none``).
+
+    With ``rng`` (training): a random resize factor in ``scale``, then a random crop. Without
+    (validation): factor 1, a centred crop. A sample smaller than (H, W) is padded at the
+    bottom and right with 0 (image) and ``ignore`` (mask), as MMSegmentation pads.
+    """
+    m = decode_mask(mask)
+    h, w = m.shape  # the native size (the image may be decoded reduced)
+    f = float(rng.uniform(*scale)) if rng is not None else 1.0
+    th, tw = scaled_size(mode, h, w, hw, short_side, f)
+    img = resize_to(decode_rgb(image, (th, tw), reduced), (th, tw))
+    m = resize_to(m, (th, tw), nearest=True)
+    H, W = hw
+    y0 = int(rng.integers(0, th - H + 1)) if rng is not None and th > H else max(0, (th - H) // 2)
+    x0 = int(rng.integers(0, tw - W + 1)) if rng is not None and tw > W else max(0, (tw - W) // 2)
+    img, m = img[y0:y0 + H, x0:x0 + W], m[y0:y0 + H, x0:x0 + W]
+    if img.shape[:2] != (H, W):
+        out_image[...] = 0
+        out_mask[...] = ignore
+    out_image[:img.shape[0], :img.shape[1]] = img
+    out_mask[:m.shape[0], :m.shape[1]] = m
 
 
 _DECODE_STREAMS: dict = {}  # device -> the side stream nvJPEG output is allocated on

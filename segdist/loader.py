@@ -191,11 +191,11 @@ class Loader:
     # -- internals
     def _start(self) -> None:
         s = self.stream
-        nwk, b, px = s.workers, s.batch_size, s.image_size
+        nwk, b, (h, w) = s.workers, s.batch_size, s.image_hw
         ctx = torch.multiprocessing.get_context(self.start_method)
-        check_shared_memory(nwk * self.prefetch * b * px * px * 4, ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        self._images = torch.empty((nwk, self.prefetch, b, px, px, 3), dtype=torch.uint8).share_memory_()
-        self._masks = torch.empty((nwk, self.prefetch, b, px, px), dtype=torch.uint8).share_memory_()
+        check_shared_memory(nwk * self.prefetch * b * h * w * 4, ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        self._images = torch.empty((nwk, self.prefetch, b, h, w, 3), dtype=torch.uint8).share_memory_()
+        self._masks = torch.empty((nwk, self.prefetch, b, h, w), dtype=torch.uint8).share_memory_()
         self._ring_images, self._ring_masks = self._images.numpy(), self._masks.numpy()
         self._free = [ctx.Semaphore(self.prefetch) for _ in range(nwk)]
         pipes = [ctx.Pipe(duplex=False) for _ in range(nwk)]

@@ -1,9 +1,9 @@
 """Exact segmentation metrics: integer counts in, one reduce across ranks, scores out.
 
-Shaped like torchvision's ``ConfusionMatrix``: :meth:`SegCounts.update` adds per-class TP, FP,
-FN and TN counts (int64, ``ignore_index`` pixels excluded), :meth:`SegCounts.reduce` sums them
-across processes with one ``all_reduce``, and :meth:`SegCounts.compute` turns counts into IoU
-and Dice. Because only integer counts cross ranks, the result is identical for any world size
+Shaped like torchvision's ``ConfusionMatrix``: :meth:`SegCounts.update` adds a ``bincount`` of
+``K * truth + pred`` to an int64 confusion matrix (``ignore_index`` pixels excluded),
+:meth:`SegCounts.reduce` sums it across processes with one ``all_reduce``, and
+:meth:`SegCounts.compute` turns it into per-class TP/FP/FN, IoU and Dice. Because only integer counts cross ranks, the result is identical for any world size
 and any batch split; per-batch or per-rank scores are never averaged.
 
 Binary tasks are counted as two classes (0 = background, 1 = foreground); their headline
@@ -20,13 +20,26 @@ from . import IGNORE_INDEX
 
 
 class SegCounts:
-    """Per-class int64 counts: ``tp, fp, fn, tn`` each of shape (num_classes,)."""
+    """The int64 confusion matrix ``cm`` (K, K) (rows: truth, columns: prediction) over non-ignored
+    pixels; per-class ``tp, fp, fn, tn`` (:attr:`counts`, (4, K)) and scores derive from it."""
 
     def __init__(self, num_classes: int, binary: bool, ignore_index: int = IGNORE_INDEX,
                  device: torch.device | str = "cpu"):
         self.num_classes, self.binary, self.ignore_index = num_classes, binary, ignore_index
-        self.counts = torch.zeros(4, num_classes, dtype=torch.int64, device=device)
+        self.cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
         self.num_samples = 0
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """(4, K) int64: tp, fp, fn, tn per class."""
+        tp = self.cm.diagonal()
+        fp, fn = self.cm.sum(0) - tp, self.cm.sum(1) - tp
+        return torch.stack([tp, fp, fn, self.cm.sum() - tp - fp - fn])
+
+    def confusion(self) -> torch.Tensor:
+        """(K, K) float64 on the CPU: each truth row normalised to sum 1 (rows of absent classes 0)."""
+        cm = self.cm.cpu().double()
+        return cm / cm.sum(1, keepdim=True).clamp_min(1)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """pred, target: integer class ids (B, H, W), same shape; target may hold ``ignore_index``."""
@@ -36,20 +49,16 @@ class SegCounts:
         # make the output size data-dependent, a device-to-host sync per batch.
         idx = torch.where(valid, target.long() * k + pred.long(), k * k)
         cm = torch.bincount(idx.flatten(), minlength=k * k + 1)[: k * k].reshape(k, k)  # rows: truth, cols: pred
-        tp = cm.diagonal()
-        fp = cm.sum(0) - tp
-        fn = cm.sum(1) - tp
-        tn = valid.sum() - tp - fp - fn
-        self.counts += torch.stack([tp, fp, fn, tn]).to(self.counts.device)
+        self.cm += cm.to(self.cm.device)
         self.num_samples += target.shape[0]
 
     def reduce(self, accelerator=None) -> None:
         """Sum counts (and the sample count) over all processes: one collective call."""
         if accelerator is None or accelerator.num_processes == 1:
             return
-        flat = torch.cat([self.counts.flatten(), self.counts.new_tensor([self.num_samples])])
-        flat = accelerator.reduce(flat.to(accelerator.device), reduction="sum").to(self.counts.device)
-        self.counts = flat[:-1].reshape(4, self.num_classes)
+        flat = torch.cat([self.cm.flatten(), self.cm.new_tensor([self.num_samples])])
+        flat = accelerator.reduce(flat.to(accelerator.device), reduction="sum").to(self.cm.device)
+        self.cm = flat[:-1].reshape(self.num_classes, self.num_classes)
         self.num_samples = int(flat[-1])
 
     def compute(self, class_names: list[str] | None = None) -> dict:
@@ -75,6 +84,7 @@ class SegCounts:
             "micro_dice": 2 * stp / (2 * stp + sfp + sfn) if micro_den else float("nan"),
             "per_class": per_class,
             "num_samples": self.num_samples,
+            "confusion": self.confusion().tolist(),  # (K, K), rows: truth, normalised
         }
 
 

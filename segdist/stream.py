@@ -39,6 +39,7 @@ import collections
 import contextlib
 import itertools
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -46,7 +47,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .decode import decode_image, decode_mask
+from .decode import as_hw, decode_image, decode_mask, place
 from .errors import UserError
 from .shards.manifest import is_stall, open_shard
 
@@ -248,22 +249,24 @@ def take(samples: Iterator[dict], n: int) -> Iterator[dict]:
     return itertools.islice(samples, n)  # stops without reading sample n + 1 (no extra tar opened)
 
 
-def batched(samples: Iterator[dict], batch_size: int, size: int, reduced: bool, partial: bool,
-            device_decode: bool = False, alloc=None,
-            sizes: Iterator[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, list, list | None]]:
+def batched(samples: Iterator[dict], batch_size: int, size, reduced: bool, partial: bool,
+            device_decode: bool = False, alloc=None, sizes: Iterator[int] | None = None,
+            placer: Callable | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, list, list | None]]:
     """Decode samples into batch buffers; yield ``(images, masks, keys, jpegs)`` per batch.
 
-    ``alloc()`` returns the buffers to fill, uint8 (B, S, S, 3) and (B, S, S): fresh arrays by
-    default, or a slot of a worker's shared-memory ring (decoding writes straight into it).
-    A short last batch (``partial``), or one shorter than ``batch_size`` because ``sizes`` says
-    so (the rest of an interrupted epoch), yields views of its first rows.
+    ``size`` is S or (H, W). ``alloc()`` returns the buffers to fill, uint8 (B, H, W, 3) and
+    (B, H, W): fresh arrays by default, or a slot of a worker's shared-memory ring (decoding
+    writes straight into it). A short last batch (``partial``), or one shorter than
+    ``batch_size`` because ``sizes`` says so (the rest of an interrupted epoch), yields views of
+    its first rows. Samples are squashed to (H, W) unless ``placer(sample, image_row,
+    mask_row)`` places them (crop/pad modes).
 
     With ``device_decode``, JPEG images are not decoded here: their bytes travel in ``jpegs``
     (None for rows decoded on the CPU, e.g. PNGs) and :func:`to_device` decodes them on the
     accelerator (nvJPEG on CUDA); ``jpegs`` is None without it.
     """
-    alloc = alloc or (lambda: (np.zeros((batch_size, size, size, 3), np.uint8),
-                               np.empty((batch_size, size, size), np.uint8)))
+    hw = as_hw(size)
+    alloc = alloc or (lambda: (np.zeros((batch_size, *hw, 3), np.uint8), np.empty((batch_size, *hw), np.uint8)))
     sizes = iter(sizes) if sizes is not None else itertools.repeat(batch_size)
     images = masks = None
     keys: list[str] = []
@@ -275,12 +278,16 @@ def batched(samples: Iterator[dict], batch_size: int, size: int, reduced: bool, 
             want = next(sizes)
         img_key = "image.jpg" if "image.jpg" in s else "image.png"
         i = len(keys)
-        if device_decode and s[img_key][:2] == b"\xff\xd8":
-            jpegs.append(s[img_key])
-        else:
-            decode_image(s[img_key], size, reduced, out=images[i])
+        if placer is not None:
+            placer(s, images[i], masks[i])
             jpegs.append(None)
-        masks[i] = decode_mask(s["mask.png"], size)
+        elif device_decode and s[img_key][:2] == b"\xff\xd8":
+            jpegs.append(s[img_key])
+            masks[i] = decode_mask(s["mask.png"], hw)
+        else:
+            decode_image(s[img_key], hw, reduced, out=images[i])
+            jpegs.append(None)
+            masks[i] = decode_mask(s["mask.png"], hw)
         keys.append(s["__key__"])
         if len(keys) == want:
             rows = slice(None) if want == batch_size else slice(want)
@@ -319,11 +326,14 @@ class ShardStream:
     def __init__(self, urls: list[str], sizes: list[int], *, batch_size: int, image_size: int,
                  train: bool, seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  shuffle_buffer: int = 128, reduced_decode: bool = True, device_decode: bool = False,
-                 read_timeout: float = 60.0, carry: tuple = (), carry_epoch: int | None = None):
+                 read_timeout: float = 60.0, carry: tuple = (), carry_epoch: int | None = None,
+                 resize: str = "squash", short_side: int = 0, scale: tuple[float, float] = (1.0, 1.0)):
         if len(urls) != len(sizes):
             raise ValueError("urls and sizes differ in length")
         self.urls, self.sizes = list(urls), list(sizes)
         self.batch_size, self.image_size, self.train = batch_size, image_size, train
+        self.image_hw = as_hw(image_size)
+        self.resize, self.short_side, self.scale = resize, short_side, tuple(scale)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers, self.workers = num_workers, max(num_workers, 1)
         self.shuffle_buffer, self.reduced_decode = shuffle_buffer, reduced_decode
@@ -349,7 +359,8 @@ class ShardStream:
                    seed=seed, rank=rank, world_size=world_size,
                    num_workers=data.num_workers if num_workers < 0 else num_workers,
                    shuffle_buffer=data.shuffle_buffer, reduced_decode=data.reduced_decode,
-                   device_decode=data.decode == "device", read_timeout=data.read_timeout, **kw)
+                   device_decode=data.decode == "device", read_timeout=data.read_timeout, resize=data.resize,
+                   short_side=data.short_side, scale=tuple(data.scale), **kw)
 
     def plan(self) -> dict:
         return {"world_size": self.world_size, "num_workers": self.num_workers, "batch_size": self.batch_size,
@@ -400,18 +411,33 @@ class ShardStream:
         samples = take(cycle_units(read, plan.units, rng), plan.num_batches * self.batch_size)
         return shuffle(samples, self.shuffle_buffer, rng), [self.batch_size] * plan.num_batches
 
+    def placer(self, epoch: int) -> Callable | None:
+        """Crop/pad placement of one sample into batch rows (None in ``squash`` mode). Training
+        crops are random per (seed, epoch, key): a resume that skips samples draws the same ones."""
+        if self.resize == "squash":
+            return None
+
+        def place_one(sample: dict, image_row: np.ndarray, mask_row: np.ndarray) -> None:
+            key = sample["__key__"].encode()
+            rng = np.random.default_rng([self.seed, epoch, zlib.crc32(key)]) if self.train else None
+            image = sample["image.jpg"] if "image.jpg" in sample else sample["image.png"]
+            place(image, sample["mask.png"], self.resize, self.image_hw, image_row, mask_row,
+                  short_side=self.short_side, scale=self.scale, rng=rng, reduced=self.reduced_decode)
+
+        return place_one
+
     def slot_batches(self, epoch: int, w: int, skip: int = 0, alloc=None):
         """Slot ``w``'s batches of ``epoch`` after its first ``skip``, as :func:`batched` yields them."""
+        common = dict(device_decode=self.device_decode, alloc=alloc, placer=self.placer(epoch))
         if not self.train:
             samples = iter_units(self._reader(False), self.plans(epoch)[w].units)
-            yield from batched(samples, self.batch_size, self.image_size, self.reduced_decode, partial=True,
-                               device_decode=self.device_decode, alloc=alloc)
+            yield from batched(samples, self.batch_size, self.image_hw, self.reduced_decode, partial=True, **common)
             return
         samples, sizes = self.train_order(epoch, w)
         for _ in range(sum(sizes[:skip])):  # skip without decoding
             next(samples, None)
-        yield from batched(samples, self.batch_size, self.image_size, self.reduced_decode, partial=False,
-                           device_decode=self.device_decode, alloc=alloc, sizes=sizes[skip:])
+        yield from batched(samples, self.batch_size, self.image_hw, self.reduced_decode, partial=False,
+                           sizes=sizes[skip:], **common)
 
     def epoch_refs(self, epoch: int, start_batch: int = 0, end_batch: int | None = None) -> collections.Counter:
         """Every rank's samples of ``epoch`` between rank batches ``start_batch`` and ``end_batch``, as refs."""

@@ -82,6 +82,18 @@ class RunLog:
         if self.backend != "none":
             self.acc.log(scalars, step=step)
 
+    def log_png(self, name: str, path: Path, step: int) -> None:
+        """Send a PNG the run wrote (e.g. the confusion matrix) to W&B / TensorBoard."""
+        if not self.acc.is_main_process or self.backend == "none":
+            return
+        if self.backend == "wandb":
+            import wandb
+
+            self.acc.get_tracker("wandb").log({name: wandb.Image(str(path))}, step=step)
+        else:
+            rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+            self.acc.get_tracker("tensorboard").log_images({name: rgb[None]}, step=step, dataformats="NHWC")
+
     def log_overlays(self, grid: np.ndarray, images: list[np.ndarray], gts: list[np.ndarray],
                      preds: list[np.ndarray], class_names: list[str], step: int, epoch: int) -> None:
         """Save the overlay grid PNG and send per-image masks to W&B / the grid to TensorBoard."""
@@ -148,6 +160,36 @@ def plot_curves(metrics_path: Path, out: Path) -> None:
     b.set_xlabel("epoch"), b.set_ylabel("score"), b.set_ylim(0, 1), b.legend(), b.grid(alpha=0.3)
     fig.tight_layout()
     tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+def plot_confusion(confusion, class_names: list[str], out: Path, title: str = "") -> None:
+    """A normalised confusion matrix (K, K) (rows: truth, each summing to 1) as a PNG heat map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(class_names)
+    side = min(4 + 0.22 * k, 18)
+    fig, ax = plt.subplots(figsize=(side, side))
+    im = ax.imshow(confusion, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(k)
+    fontsize = 8 if k <= 30 else 5
+    ax.set_xticks(ticks, class_names, rotation=90, fontsize=fontsize)
+    ax.set_yticks(ticks, class_names, fontsize=fontsize)
+    ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(title or "confusion (rows sum to 1)")
+    if k <= 12:  # the numbers stay readable
+        for i in range(k):
+            for j in range(k):
+                v = float(confusion[i][j])
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, out)

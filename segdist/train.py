@@ -29,13 +29,14 @@ from .decode import to_device
 from .distributed import StopSignal, agree, make_accelerator, sync_buffers
 from .errors import Paused, UserError
 from .evaluate import evaluate, val_loader
+from .export import write_model_card
 from .loader import Loader
-from .losses import create_loss
+from .losses import class_weights, create_loss
 from .models import create_model
 from .optim import EMA, create_optimizer, create_scheduler
 from .shards import ShardSet, open_shards
 from .stream import PLAN_KEYS, ShardStream, batches_per_epoch
-from .track import RunLog, init_trackers, overlay_grid, plot_curves, tracker_names
+from .track import RunLog, init_trackers, overlay_grid, plot_confusion, plot_curves, tracker_names
 
 __all__ = ["run", "Loop", "train_one_epoch", "evaluate_and_save"]
 
@@ -232,6 +233,10 @@ def evaluate_and_save(t: Trainer, loop: Loop) -> tuple[dict, float]:
         save_model(model, t.run_dir / "last", t.meta)
         if improved or not (t.run_dir / "best").exists():
             save_model(model, t.run_dir / "best", t.meta)
+            write_model_card(t.run_dir / "best", t.meta, {**metrics, "epoch": loop.epoch})
+        plot_confusion(metrics["confusion"], t.meta["class_names"], t.run_dir / "confusion.png",
+                       f"val, epoch {loop.epoch}")
+        t.log.log_png("val/confusion", t.run_dir / "confusion.png", loop.step)
         if shown["images"]:
             images = [np.ascontiguousarray(im) for im in shown["images"]]
             t.log.log_overlays(overlay_grid(images, shown["gts"], shown["preds"], t.meta["num_classes"]), images,
@@ -267,7 +272,8 @@ def setup(cfg: Config, stop: StopSignal) -> Trainer:
     meta = {"image_size": cfg.data.image_size, "mean": cfg.augment.mean, "std": cfg.augment.std,
             "class_names": shards.class_names, "num_classes": shards.num_classes, "binary": out_ch == 1,
             "config": cfg.to_dict()}
-    return Trainer(cfg, stop, acc, run_dir, shards, meta, model, optimizer, scheduler, ema, create_loss(cfg.loss, out_ch),
+    loss_fn = create_loss(cfg.loss, out_ch, class_weights(shards.manifest, cfg.loss.class_weights))
+    return Trainer(cfg, stop, acc, run_dir, shards, meta, model, optimizer, scheduler, ema, loss_fn,
                    DeviceAugment(cfg.augment, train=True), DeviceAugment(cfg.augment, train=False), log,
                    steps_per_epoch)
 

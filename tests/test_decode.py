@@ -106,3 +106,49 @@ def test_a_jpeg_the_device_decoder_rejects_falls_back_to_the_cpu_and_is_counted(
     assert stats == {"decode_fallbacks": 1}
     ref, _ = to_device(plain, "cpu")
     assert (image.float() - ref.float()).abs().mean() < 4.0
+
+
+@pytest.mark.parametrize("mode,hw,scale", [("short_side", (64, 96), (0.5, 2.0)), ("none", (96, 64), (0.5, 1.5)),
+                                            ("short_side", (128, 128), (1.0, 1.0))])
+def test_placed_image_and_mask_stay_aligned_on_real_photos(mode, hw, scale):
+    """Crop/pad placement moves image and mask together: the mask drawn into the image (a lossless
+    PNG whose pixels are the mask) comes out where the placed mask says, on real, non-square masks."""
+    import cv2
+
+    from segdist.decode import place
+    from tests.conftest import HUMAN_SEG, require_dataset
+
+    root = require_dataset(HUMAN_SEG)
+    masks = sorted((root / "Ground_Truth").glob("*.png"))[:6]
+    for k, path in enumerate(masks):
+        m = (cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) > 127).astype(np.uint8)
+        h, w = m.shape
+        assert h != w
+        image = cv2.imencode(".png", np.dstack([m * 200] * 3))[1].tobytes()
+        mask = cv2.imencode(".png", m)[1].tobytes()
+        for rng in (np.random.default_rng(k), None):
+            img_row, mask_row = np.zeros((*hw, 3), np.uint8), np.zeros(hw, np.uint8)
+            place(image, mask, mode, hw, img_row, mask_row, scale=scale, rng=rng)
+            valid = mask_row != 255
+            fg = (mask_row == 1).astype(np.uint8)
+            kernel = np.ones((3, 3), np.uint8)  # resampling blends about a pixel around a border
+            inside = valid & (cv2.dilate(fg, kernel) == cv2.erode(fg, kernel))
+            assert inside.mean() > 0.2
+            # a shift of 2 px would disagree along the whole silhouette: several % of these pixels
+            assert ((img_row[..., 0] > 100) != (mask_row == 1))[inside].mean() < 0.005, path.name
+            assert (img_row[~valid] == 0).all()  # padding: black image, ignored mask
+
+
+def test_placement_without_rng_is_centred_and_with_the_short_side_resized():
+    import cv2
+
+    from segdist.decode import place
+
+    m = np.zeros((100, 300), np.uint8)
+    m[:, 145:155] = 1  # a vertical bar in the middle
+    image = cv2.imencode(".png", np.dstack([m * 200] * 3))[1].tobytes()
+    img_row, mask_row = np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64), np.uint8)
+    place(image, cv2.imencode(".png", m)[1].tobytes(), "short_side", (64, 64), img_row, mask_row)
+    cols = np.flatnonzero(mask_row[32] == 1)
+    assert 28 <= cols.min() and cols.max() <= 35  # 300 -> 192 wide, centre crop keeps the bar centred
+    assert (mask_row != 255).all()

@@ -90,3 +90,17 @@ def test_update_counts_equal_the_boolean_indexing_reference():
         counts = SegCounts(k, binary=k == 2)
         counts.update(pred, target)
         assert torch.equal(counts.counts, reference(pred, target, k))
+
+
+def test_confusion_rows_sum_to_one_and_the_plot_is_written(tmp_path):
+    from segdist.track import plot_confusion
+
+    counts = SegCounts(3, binary=False)
+    target = torch.tensor([[[0, 0, 1, 2, 255]]])
+    pred = torch.tensor([[[0, 1, 1, 1, 2]]])
+    counts.update(pred, target)
+    assert counts.cm.tolist() == [[1, 1, 0], [0, 1, 0], [0, 1, 0]]
+    conf = counts.confusion()
+    assert conf.tolist() == [[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
+    plot_confusion(conf, ["bg", "a", "b"], tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000

@@ -194,3 +194,19 @@ def test_spread_gives_every_rank_as_many_nonempty_batches_and_each_ref_once(n, w
     assert sorted(got + sorted(refs)[len(got):]) == sorted(refs) and len(got) + dropped == n
     assert all(sum(ss) == len(rs) for rank in slots for rs, ss in rank)
     assert dropped == 0 or n < world or batch == 1  # only when the refs cannot be spread evenly at all
+
+
+@pytest.mark.parametrize("mode", ["short_side", "none"])
+def test_crop_modes_give_fixed_nonsquare_batches_random_in_training_and_fixed_in_validation(shards, mode):
+    urls, sizes = open_shards(str(shards)).split("train")
+    kw = dict(batch_size=2, image_size=(32, 64), num_workers=0, resize=mode, scale=(0.8, 1.6), seed=5)
+    train = ShardStream(urls, sizes, train=True, **kw)
+    val = ShardStream(urls, sizes, train=False, **kw)
+    first = [b for w in range(1) for b in train.slot_batches(0, w)]
+    assert all(img.shape[1:] == (32, 64, 3) and m.shape[1:] == (32, 64) for img, m, _, _ in first)
+    again = list(train.slot_batches(0, 0))  # same (seed, epoch): the same crops
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, again))
+    resumed = list(train.slot_batches(0, 0, skip=2))  # skipping samples does not shift the crops
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(first[2:], resumed))
+    v1, v2 = list(val.slot_batches(0, 0)), list(val.slot_batches(3, 0))
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(v1, v2))  # validation: centred, every epoch the same

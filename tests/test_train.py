@@ -119,7 +119,7 @@ def nan_run(shards, tmp_path, monkeypatch, bad, name):
     from segdist.config import load_config
 
     real = train.create_loss
-    monkeypatch.setattr(train, "create_loss", lambda cfg, ch: NaNAt(real(cfg, ch), bad))
+    monkeypatch.setattr(train, "create_loss", lambda cfg, ch, *w: NaNAt(real(cfg, ch, *w), bad))
     cfg = load_config(None, [f"data.shards={shards}", f"train.out_dir={tmp_path}", f"train.name={name}", *BASE,
                              "data.num_workers=0", "data.batch_size=2", "train.epochs=1", "train.max_nonfinite=3",
                              "train.log_every=1"])
@@ -153,11 +153,11 @@ def test_wandb_offline_run_has_metrics_and_images(shards, tmp_path):
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     blob = b"".join(f.read_bytes() for f in runs[0].glob("*.wandb"))
-    for key in (b"val_iou", b"train_loss", b"val/overlays"):
+    for key in (b"val_iou", b"train_loss", b"val/overlays", b"val/confusion"):
         assert key in blob, key
     images = list(runs[0].glob("files/media/images/**/*.png"))
     assert images, "no overlay images logged"
-    assert (tmp_path / "wb" / "curves.png").is_file()
+    assert (tmp_path / "wb" / "curves.png").is_file() and (tmp_path / "wb" / "confusion.png").is_file()
     assert (tmp_path / "wb" / "config.yaml").is_file()
     assert (tmp_path / "wb" / "best" / "model.safetensors").is_file()
 
@@ -304,3 +304,34 @@ def test_a_train_process_reads_the_remote_manifest_once(tmp_path):
         server.server_close()
     assert gets["/manifest.json"] == 1
     assert gets["/train-000000.tar"] >= 2  # the shards themselves are streamed every epoch
+
+
+@pytest.fixture(scope="module")
+def photo_shards(tmp_path_factory):
+    """24 real, non-square human-segmentation photos (max side 160) in train/val shards."""
+    import csv
+
+    from segdist.shards import build_shards
+    from tests.conftest import HUMAN_SEG, require_dataset
+
+    root = require_dataset(HUMAN_SEG)
+    tmp = tmp_path_factory.mktemp("photos")
+    rows = list(csv.DictReader((root / "train.csv").open()))[:24]
+    with (tmp / "subset.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["images", "masks"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({"images": str(root / r["images"]), "masks": str(root / r["masks"])})
+    build_shards(tmp / "subset.csv", tmp / "shards", max_side=160, val_fraction=0.25, progress=False)
+    return tmp / "shards"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["short_side", "none"])
+def test_training_on_real_non_square_photos_in_crop_modes(photo_shards, tmp_path, mode):
+    extra = ["data.image_size=[64, 96]", f"data.resize={mode}", "data.scale=[0.5, 1.0]", "data.short_side=96",
+             "data.batch_size=4", "train.epochs=1", "augment.crop_p=0"]
+    p = run_ok(train_cmd(photo_shards, tmp_path, mode, *extra))
+    assert "final val IoU" in p.stdout
+    meta = json.loads((tmp_path / mode / "best" / "segdist.json").read_text())
+    assert meta["image_size"] == [64, 96] and meta["config"]["data"]["resize"] == mode

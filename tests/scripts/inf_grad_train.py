@@ -31,8 +31,8 @@ class InfGrad(torch.autograd.Function):
 real_create_loss, real_setup, captured = train.create_loss, train.setup, {}
 
 
-def create_loss(cfg, out_ch):
-    inner = real_create_loss(cfg, out_ch)
+def create_loss(cfg, out_ch, *weights):
+    inner = real_create_loss(cfg, out_ch, *weights)
 
     class Faulty(torch.nn.Module):
         def forward(self, logits, target):

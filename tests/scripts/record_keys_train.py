@@ -4,7 +4,6 @@ trained in which epoch, appending ``{"epoch": E, "keys": [...]}`` lines to
 
 import json
 import sys
-from pathlib import Path
 
 import segdist.train as train
 from segdist.cli import main
