@@ -60,26 +60,60 @@ def _eval_parser(sub) -> None:
     p.add_argument("ckpt", help="checkpoint folder (runs/<name>/best or last)")
     p.add_argument("--shards", required=True, help="shard folder or http(s) URL with manifest.json")
     p.add_argument("--split", default="val")
-    p.add_argument("--batch-size", type=int, default=0, help="0: the checkpoint's config")
+    p.add_argument("--mode", choices=("stream", "resize", "sliding"), default="stream",
+                   help="stream: the batched network inputs validation sees (data.image_size); resize / sliding: "
+                        "each sample predicted as `segdist predict --mode` does and scored at its native resolution")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="samples (stream) or windows (resize/sliding) per batch; 0: the checkpoint's config")
     p.add_argument("--num-workers", type=int, default=-1, help="-1: the checkpoint's config")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _inference_args(p)
     p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_eval(args) -> int:
-    from .evaluate import evaluate_checkpoint
+    if args.mode == "stream":
+        if args.tta:
+            raise UserError("--tta needs --mode resize or sliding (the stream mode scores the training batches)")
+        from .evaluate import evaluate_checkpoint
 
-    evaluate_checkpoint(args.ckpt, args.shards, split=args.split, batch_size=args.batch_size,
-                        num_workers=args.num_workers, as_json=args.json)
+        evaluate_checkpoint(args.ckpt, args.shards, split=args.split, batch_size=args.batch_size,
+                            num_workers=args.num_workers, as_json=args.json)
+        return 0
+    from .infer import evaluate_native
+
+    evaluate_native(args.ckpt, args.shards, split=args.split, mode=args.mode, batch_size=args.batch_size,
+                    num_workers=args.num_workers, as_json=args.json, overlap=args.overlap, blend=args.blend,
+                    tta=args.tta, threshold=args.threshold)
     return 0
 
 
 # ----------------------------------------------------------------------------- predict
+def _inference_args(p) -> None:
+    """How predictions are made, shared by `segdist predict` and `segdist eval --mode resize|sliding`."""
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding: window overlap; stride = window x (1 - overlap)")
+    p.add_argument("--blend", choices=("gaussian", "linear", "mean"), default="gaussian",
+                   help="sliding: how overlapping windows' logits are weighted")
+    p.add_argument("--tta", default="", help="test-time augmentation: 'flip', scales '0.75,1.0,1.25' or both "
+                                             "('flip,0.75,1.0,1.25'); probabilities are averaged")
+    p.add_argument("--threshold", type=float, default=0.5, help="binary models: foreground where probability > this")
+
+
 def _predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="predict masks (original size) + overlays for images")
     p.add_argument("ckpt", help="checkpoint folder (runs/<name>/best)")
-    p.add_argument("inputs", help="an image file or a folder of images")
-    p.add_argument("--out", required=True, help="output folder for masks/ and overlays/")
+    p.add_argument("inputs", nargs="+", help="image files, folders, globs ('photos/*.jpg') or a shard folder")
+    p.add_argument("--out", required=True, help="output folder for masks/, overlays/ and probs/")
+    p.add_argument("--split", default="val", help="the split predicted from a shard folder")
+    p.add_argument("--mode", choices=("resize", "sliding"), default="resize",
+                   help="resize: the model's training resize rule (data.resize); sliding: windows of the "
+                        "training size over the image")
+    _inference_args(p)
+    p.add_argument("--probs", choices=("npy", "png16"), help="also write probabilities: float16 .npy (C, H, W) "
+                                                             "or 16-bit PNGs")
+    p.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True, help="write overlays/")
+    p.add_argument("--palette", help="JSON class colours for multi-class masks (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=8, help="network inputs (windows) per device batch")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_predict)
 
@@ -87,8 +121,34 @@ def _predict_parser(sub) -> None:
 def _cmd_predict(args) -> int:
     from .infer import predict_paths
 
-    summary = predict_paths(args.ckpt, args.inputs, args.out, device=args.device)
+    summary = predict_paths(args.ckpt, args.inputs, args.out, device=args.device, mode=args.mode, split=args.split,
+                            overlap=args.overlap, blend=args.blend, tta=args.tta, threshold=args.threshold,
+                            probs=args.probs, overlays=args.overlays, palette=args.palette,
+                            batch_size=args.batch_size)
     print(summary)
+    return 0
+
+
+# ----------------------------------------------------------------------------- export
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint as ONNX (uint8 RGB in, logits out), checked with onnxruntime")
+    p.add_argument("ckpt", help="checkpoint folder (runs/<name>/best); only read")
+    p.add_argument("--onnx", required=True, help="output .onnx file (written only if the check passes)")
+    p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width (multiples of 32)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (11..20)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--shards", help="check on val images of this shard folder or URL (best: the training pixels)")
+    src.add_argument("--images", help="check on photos from this folder (else: synthetic images)")
+    p.add_argument("--count", type=int, default=8, help="number of check images")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from .export import export_onnx
+
+    for line in export_onnx(args.ckpt, args.onnx, dynamic=args.dynamic, opset=args.opset, shards=args.shards,
+                            images=args.images, count=args.count):
+        print(line)
     return 0
 
 
@@ -118,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segdist", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_synth_parser, _shards_parser, _train_parser, _eval_parser, _predict_parser,
-                _bench_parser, _demo_parser):
+                _export_parser, _bench_parser, _demo_parser):
         add(sub)
     return parser
 

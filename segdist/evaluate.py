@@ -3,11 +3,19 @@
 Every sample of the split is read exactly once across all ranks (see :mod:`segdist.stream`);
 each rank adds integer TP/FP/FN/TN counts, one all-reduce sums them, and only then are scores
 computed, so 1 and N processes give identical numbers.
+
+:func:`evaluate_checkpoint` (``segdist eval``, default ``--mode stream``) scores the batched
+network inputs (``data.image_size``); :func:`segdist.infer.evaluate_native` (``--mode resize|sliding``)
+scores at each sample's native resolution, with this module's :func:`eval_session`,
+:func:`val_samples` and :func:`report`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,16 +23,16 @@ import torch
 from .augment import DeviceAugment
 from .checkpoint import read_meta
 from .config import Config, config_from_dict
-from .decode import to_device
+from .decode import as_hw, to_device
 from .distributed import make_accelerator
 from .loader import OneEpoch
 from .losses import create_loss
 from .metrics import SegCounts, logits_to_pred
 from .models import load_model
 from .shards import ShardSet, open_shards
-from .stream import ShardStream
+from .stream import ShardStream, iter_units, read_samples
 
-__all__ = ["evaluate", "val_loader", "evaluate_checkpoint"]
+__all__ = ["eval_session", "evaluate", "evaluate_checkpoint", "report", "val_loader", "val_samples"]
 
 
 @torch.no_grad()
@@ -80,32 +88,73 @@ def val_loader(cfg: Config, shards: ShardSet, split: str, accelerator, batch_siz
     return OneEpoch(stream, 0, 0, prefetch=cfg.data.prefetch)
 
 
+def val_samples(cfg: Config, shards: ShardSet, split: str, accelerator, num_workers: int = -1) -> tuple[int, Iterator]:
+    """This rank's raw samples of ``split`` (dicts of ``__key__``, ``image.jpg|png``, ``mask.png``
+    bytes) and how many: the val plan of :class:`ShardStream`, every sample exactly once across
+    ranks, its slots read one after another in this process."""
+    urls, sizes = shards.split(split)
+    stream = ShardStream.from_config(urls, sizes, cfg.data, train=False, rank=accelerator.process_index,
+                                     world_size=accelerator.num_processes, num_workers=num_workers)
+    units = [u for plan in stream.plans(0) for u in plan.units]
+    read = lambda shard: read_samples(urls[shard], sizes[shard], cfg.data.read_timeout)
+    return sum(u.size for u in units), iter_units(read, tuple(units))
+
+
+@dataclass
+class EvalSession:
+    """What evaluating a checkpoint needs, from :func:`eval_session`."""
+
+    meta: dict
+    cfg: Config
+    accelerator: object
+    shards: ShardSet
+    model: torch.nn.Module
+
+
+@contextlib.contextmanager
+def eval_session(ckpt: str, shards: str) -> Iterator[EvalSession]:
+    """A saved model on this process's device, its meta and config, the shard set and the
+    accelerator (exact kernels: counts must not depend on batch shapes); the process group is
+    destroyed on the way out (NCCL warns otherwise)."""
+    meta = read_meta(ckpt)
+    cfg = config_from_dict(meta["config"])
+    cfg.data.shards = shards
+    exact_kernels()
+    accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
+    try:
+        shard_set = open_shards(shards)
+        yield EvalSession(meta, cfg, accelerator, shard_set, load_model(ckpt).to(accelerator.device))
+    finally:
+        accelerator.end_training()
+
+
 def format_metrics(split: str, metrics: dict) -> str:
-    lines = [f"{split}: IoU {metrics['iou']:.4f}  Dice {metrics['dice']:.4f}  ({metrics['num_samples']} samples)"]
+    at = f" at {metrics['resolution']}" if "resolution" in metrics else ""
+    lines = [f"{split}{at}: IoU {metrics['iou']:.4f}  Dice {metrics['dice']:.4f}  ({metrics['num_samples']} samples)"]
     for c in metrics["per_class"]:
         iou = "absent" if c["iou"] is None else f"{c['iou']:.4f}"
         lines.append(f"  {c['name']:>20}: IoU {iou}  tp {c['tp']} fp {c['fp']} fn {c['fn']}")
     return "\n".join(lines)
 
 
+def report(split: str, metrics: dict, accelerator, as_json: bool = False) -> None:
+    """Print the scores once (main process): a table, or one JSON object."""
+    if not accelerator.is_main_process:
+        return
+    keys = ("iou", "dice", "micro_iou", "micro_dice", "per_class", "num_samples", "loss", "resolution")
+    print(json.dumps({k: metrics[k] for k in keys if k in metrics}) if as_json else format_metrics(split, metrics))
+
+
 def evaluate_checkpoint(ckpt: str, shards: str, split: str = "val", batch_size: int = 0,
                         num_workers: int = -1, as_json: bool = False) -> dict:
-    """``segdist eval``: exact metrics of a saved model on a shard split (1 or N processes)."""
-    meta = read_meta(ckpt)
-    cfg = config_from_dict(meta["config"])
-    cfg.data.shards = shards
-    exact_kernels()
-    accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
-    shard_set = open_shards(shards)
-    model = load_model(ckpt).to(accelerator.device)
-    loss_fn = create_loss(cfg.loss, 1 if meta["binary"] else meta["num_classes"])
-    try:
-        metrics, _ = evaluate(model, val_loader(cfg, shard_set, split, accelerator, batch_size, num_workers),
-                              accelerator, DeviceAugment(cfg.augment, train=False), loss_fn,
-                              meta["num_classes"], meta["binary"], meta["class_names"])
-    finally:
-        accelerator.end_training()  # destroys the process group (NCCL warns otherwise)
-    if accelerator.is_main_process:
-        keys = ("iou", "dice", "micro_iou", "micro_dice", "per_class", "num_samples", "loss")
-        print(json.dumps({k: metrics[k] for k in keys}) if as_json else format_metrics(split, metrics))
+    """``segdist eval``: exact metrics of a saved model on a shard split (1 or N processes), at the
+    network input size: the squashed (or cropped) batches validation sees."""
+    with eval_session(ckpt, shards) as s:
+        loss_fn = create_loss(s.cfg.loss, 1 if s.meta["binary"] else s.meta["num_classes"])
+        metrics, _ = evaluate(s.model, val_loader(s.cfg, s.shards, split, s.accelerator, batch_size, num_workers),
+                              s.accelerator, DeviceAugment(s.cfg.augment, train=False), loss_fn,
+                              s.meta["num_classes"], s.meta["binary"], s.meta["class_names"])
+        h, w = as_hw(s.cfg.data.image_size)
+        metrics["resolution"] = f"the network input {h}x{w} (data.resize {s.cfg.data.resize})"
+        report(split, metrics, s.accelerator, as_json)
     return metrics

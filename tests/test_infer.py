@@ -1,13 +1,17 @@
-"""Predict: masks and overlays at each input's original size; bad inputs are clear errors."""
+"""Predict: masks, overlays and probabilities at each input's original size in every mode; bad inputs are clear errors."""
 
 from __future__ import annotations
 
+import copy
+import functools
+import itertools
 import subprocess
 import sys
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from segdist.errors import UserError
 from segdist.infer import predict_paths
@@ -113,3 +117,218 @@ def test_train_eval_and_predict_make_byte_identical_network_input(tmp_path):
         assert all(torch.equal(got, want) for got in rows[k]), k
         x_eval, _ = DeviceAugment(AugmentConfig(), train=False)(rows[k][1][None], torch.zeros(1, size, size))
         assert torch.equal(x_eval, normalize(want[None], meta["mean"], meta["std"]))
+
+
+# ----------------------------------------------------------------------------- modes, TTA, blending
+@functools.lru_cache(maxsize=4)
+def loaded(ckpt):
+    from segdist.models import load_model
+
+    return load_model(ckpt)
+
+
+def predictor(ckpt, mode="resize", data=None, image_size=None, batch_size=4, **options):
+    """A Predictor on the CPU for ``ckpt``'s model (loaded once), with its meta's data keys / image size changed."""
+    from segdist.checkpoint import read_meta
+    from segdist.infer import Predictor, options_for
+
+    meta = copy.deepcopy(read_meta(ckpt))
+    meta["config"]["data"].update(data or {})
+    if image_size is not None:
+        meta["image_size"] = meta["config"]["data"]["image_size"] = image_size
+    return Predictor(loaded(ckpt), meta, options_for(meta, mode, **options), "cpu", batch_size=batch_size)
+
+
+def photo(name: str = "1.jpg"):
+    return require_dataset(HUMAN_SEG) / "Training_Images" / name
+
+
+@pytest.mark.parametrize("resize", ["squash", "none", "short_side"])
+def test_sliding_over_a_one_window_image_is_exactly_plain_inference(ckpt, resize):
+    rgb = cv2.cvtColor(cv2.resize(cv2.imread(str(photo())), (64, 64), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+    data = {"resize": resize, "short_side": 64}
+    plain = predictor(ckpt, "resize", data).predict_proba(rgb)
+    for blend in ("gaussian", "linear", "mean"):
+        sliding = predictor(ckpt, "sliding", data, blend=blend).predict_proba(rgb)
+        assert sliding.shape == plain.shape == (1, 64, 64) and sliding.dtype == np.float32
+        assert np.array_equal(sliding, plain), blend
+
+
+def test_masks_have_the_originals_size_in_every_mode(ckpt):
+    """Non-square photos, a non-square training size, every data.resize x --mode, TTA scales too."""
+    from segdist import infer
+
+    photos = itertools.cycle([photo("1.jpg"), photo("104.jpg")])
+    for (resize, mode), f in zip(itertools.product(("squash", "short_side", "none"), infer.MODES), photos):
+        tta = "flip,0.75" if (resize, mode) == ("short_side", "resize") else ""
+        mask = predictor(ckpt, mode, {"resize": resize}, image_size=[64, 96], overlap=0.0, tta=tta).predict(f)
+        assert mask.shape == cv2.imread(str(f)).shape[:2], (resize, mode)
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+
+
+@pytest.mark.parametrize("mode", ["resize", "sliding"])
+def test_tta_flip_is_the_mean_of_the_image_and_its_mirror(ckpt, mode):
+    rgb = cv2.cvtColor(cv2.imread(str(photo("104.jpg"))), cv2.COLOR_BGR2RGB)[:80, :100]
+    data = {"resize": "none"}  # sliding: 2 x 3 windows of 64 px, the last column not on the stride
+    plain = predictor(ckpt, mode, data, batch_size=1)  # one input per batch in both: the same kernels
+    both = predictor(ckpt, mode, data, batch_size=1, tta="flip").predict_proba(rgb)
+    mirrored = plain.predict_proba(rgb[:, ::-1])[..., ::-1]
+    np.testing.assert_allclose(both, (plain.predict_proba(rgb) + mirrored) / 2, rtol=0, atol=1e-6)
+
+
+class ConstantLogits(torch.nn.Module):
+    """A 'model' whose logits are the same constants at every pixel: blending must give them back."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = torch.tensor(values, dtype=torch.float32)
+
+    def forward(self, x):
+        return self.values.view(1, -1, 1, 1).expand(len(x), -1, *x.shape[-2:]).clone()
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "linear", "mean"])
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.75])
+def test_blend_weights_sum_to_one_at_every_pixel(blend, overlap):
+    from segdist.infer import Predictor, options_for, plan_views
+
+    meta = {"image_size": [32, 48], "mean": [0.5] * 3, "std": [0.25] * 3, "config": {"data": {}}}
+    opts = options_for(meta, "sliding", overlap=overlap, blend=blend)
+    (view,) = plan_views(opts, (100, 130))
+    assert len(view.origins) > 4 and max(y for y, _ in view.origins) == 100 - 32  # last window at the edge
+    assert max(x for _, x in view.origins) == 130 - 48
+    values = [0.3, -1.2, 2.0]
+    probs = Predictor(ConstantLogits(values), meta, opts).predict_proba(np.zeros((100, 130, 3), np.uint8))
+    want = torch.tensor(values).softmax(0).numpy()
+    np.testing.assert_allclose(probs, np.broadcast_to(want[:, None, None], probs.shape), rtol=0, atol=1e-6)
+    binary = Predictor(ConstantLogits([0.7]), meta, opts).predict_proba(np.zeros((20, 130, 3), np.uint8))  # padded
+    np.testing.assert_allclose(binary, float(torch.sigmoid(torch.tensor(0.7))), rtol=0, atol=1e-6)
+
+
+def test_bad_options_are_user_errors(ckpt):
+    for kw, msg in (({"tta": "flop"}, "neither 'flip' nor a scale"), ({"overlap": 1.0}, "--overlap"),
+                    ({"blend": "max"}, "--blend 'max'"), ({"mode": "tiles"}, "--mode 'tiles'")):
+        with pytest.raises(UserError, match=msg):
+            predictor(ckpt, **{"mode": "resize", **kw})
+
+
+# ----------------------------------------------------------------------------- inputs and outputs
+def test_glob_and_shard_folder_inputs(ckpt, tmp_path):
+    from tests.shardutil import write_shards
+
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    for rel, (h, w) in {"a.jpg": (30, 50), "b.png": (40, 40), "sub/c.jpg": (52, 33)}.items():
+        cv2.imwrite(str(src / rel), np.full((h, w, 3), 90, np.uint8))
+    (src / "notes.jpg.txt").write_text("not an image")
+    msg = predict_paths(ckpt, [str(src / "**" / "*.jpg")], tmp_path / "g", device="cpu")
+    assert "predicted 2 image(s)" in msg
+    got = {str(p.relative_to(tmp_path / "g" / "masks")): cv2.imread(str(p), cv2.IMREAD_UNCHANGED).shape
+           for p in (tmp_path / "g" / "masks").rglob("*.png")}
+    assert got == {"a.png": (30, 50), "sub/c.png": (52, 33)}
+    with pytest.raises(UserError, match="matches no images"):
+        predict_paths(ckpt, [str(src / "*.tif")], tmp_path / "none", device="cpu")
+
+    shards = write_shards(tmp_path / "shards", {"train": [2], "val": [2, 1]}, size=40)
+    msg = predict_paths(ckpt, [shards, src / "a.jpg"], tmp_path / "s", device="cpu", overlays=False)
+    assert "predicted 4 image(s) into" in msg and not (tmp_path / "s" / "overlays").exists()
+    assert sorted(p.name for p in (tmp_path / "s" / "masks").iterdir()) == ["a.png", "val_00002.png",
+                                                                            "val_00003.png", "val_00004.png"]
+    predict_paths(ckpt, [shards], tmp_path / "t", device="cpu", split="train")
+    assert sorted(p.name for p in (tmp_path / "t" / "masks").iterdir()) == ["train_00000.png", "train_00001.png"]
+
+
+@pytest.fixture(scope="module")
+def ckpt3(tmp_path_factory):
+    """A tiny untrained 3-class model with class colours in its meta (the shards --palette format)."""
+    from segdist.checkpoint import save_model
+    from segdist.config import load_config
+    from segdist.models import create_model
+
+    cfg = load_config(None, ["model.pretrained=none", "data.image_size=64"])
+    out = tmp_path_factory.mktemp("ckpt3") / "best"
+    meta = {"image_size": 64, "mean": cfg.augment.mean, "std": cfg.augment.std, "class_names": ["bg", "shirt", "hair"],
+            "num_classes": 3, "binary": False, "config": cfg.to_dict(),
+            "palette": [[0, 0, 0], [220, 20, 60], [30, 144, 255]]}
+    save_model(create_model(cfg.model, 3), out, meta)
+    return out
+
+
+def test_multiclass_masks_are_palette_pngs_with_the_class_colours(ckpt3, tmp_path):
+    import json
+
+    from PIL import Image
+
+    import segdist
+
+    f = photo("104.jpg")
+    predict_paths(ckpt3, f, tmp_path / "a", device="cpu")
+    im = Image.open(tmp_path / "a" / "masks" / "104.png")
+    assert im.mode == "P" and im.getpalette()[:9] == [0, 0, 0, 220, 20, 60, 30, 144, 255]
+    ids = np.asarray(im)
+    assert np.array_equal(ids, segdist.load(ckpt3, device="cpu").predict(f)) and set(np.unique(ids)) <= {0, 1, 2}
+    colours = tmp_path / "colours.json"
+    colours.write_text(json.dumps({"colors": [[1, 2, 3], [4, 5, 6], [7, 8, 9]], "classes": ["a", "b", "c"]}))
+    predict_paths(ckpt3, f, tmp_path / "b", device="cpu", palette=colours)
+    assert Image.open(tmp_path / "b" / "masks" / "104.png").getpalette()[:9] == list(range(1, 10))
+
+
+def test_probability_outputs(ckpt, ckpt3, tmp_path):
+    f = photo("1.jpg")
+    h, w = cv2.imread(str(f)).shape[:2]
+    predict_paths(ckpt, f, tmp_path / "bn", device="cpu", probs="npy")
+    p = np.load(tmp_path / "bn" / "probs" / "1.npy")
+    assert p.dtype == np.float16 and p.shape == (1, h, w) and 0 <= p.min() and p.max() <= 1
+    predict_paths(ckpt, f, tmp_path / "bp", device="cpu", probs="png16")
+    q = cv2.imread(str(tmp_path / "bp" / "probs" / "1.png"), cv2.IMREAD_UNCHANGED)
+    assert q.dtype == np.uint16 and q.shape == (h, w)
+    np.testing.assert_allclose(q / 65535, p[0], atol=2e-3)  # float16 vs 16-bit steps
+    predict_paths(ckpt3, f, tmp_path / "mn", device="cpu", probs="npy")
+    p3 = np.load(tmp_path / "mn" / "probs" / "1.npy")
+    assert p3.dtype == np.float16 and p3.shape == (3, h, w)
+    np.testing.assert_allclose(p3.astype(np.float32).sum(0), 1, atol=3e-3)
+    predict_paths(ckpt3, f, tmp_path / "mp", device="cpu", probs="png16")
+    files = sorted((tmp_path / "mp" / "probs" / "1").iterdir())
+    assert [x.name for x in files] == ["0.png", "1.png", "2.png"]
+    assert all(cv2.imread(str(x), cv2.IMREAD_UNCHANGED).dtype == np.uint16 for x in files)
+
+
+def test_load_predicts_paths_arrays_and_bytes_at_their_size(ckpt):
+    import segdist
+
+    model = segdist.load(ckpt, device="cpu")
+    f = photo("104.jpg")
+    h, w = cv2.imread(str(f)).shape[:2]
+    by_path = model.predict(f)
+    assert by_path.shape == (h, w) and by_path.dtype == np.uint8
+    assert np.array_equal(model.predict(str(f)), by_path) and np.array_equal(model.predict(f.read_bytes()), by_path)
+    rgb = cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB)
+    assert model.predict(rgb).shape == (h, w) and model.predict(rgb[:50, :70]).shape == (50, 70)
+    assert model.predict(rgb[..., 0]).shape == (h, w)  # gray
+    probs = model.predict_proba(rgb)
+    assert probs.shape == (1, h, w) and probs.dtype == np.float32
+    with pytest.raises(UserError, match="uint8 RGB array"):
+        model.predict(rgb.astype(np.float32))
+    with pytest.raises(UserError, match="cannot decode"):
+        model.predict(b"not an image")
+
+
+def test_import_segdist_stays_cheap():
+    code = "import sys, segdist; assert callable(segdist.load); print('torch' in sys.modules)"
+    p = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert p.stdout.strip() == "False", p.stderr
+
+
+def test_predict_command_with_sliding_tta_and_probs(ckpt, tmp_path, capsys):
+    from segdist.cli import main
+
+    f = photo("1.jpg")
+    rc = main(["predict", str(ckpt), str(f.parent / "1[01].jpg"), "--out", str(tmp_path), "--mode", "sliding",
+               "--overlap", "0.25", "--blend", "linear", "--tta", "flip", "--probs", "npy", "--no-overlays",
+               "--device", "cpu", "--batch-size", "16"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "sliding 64x64 windows (overlap 0.25, linear), TTA flip" in out
+    n = 2
+    assert f"predicted {n} image(s)" in out and len(list((tmp_path / "probs").glob("*.npy"))) == n
+    assert main(["predict", str(ckpt), str(f), "--out", str(tmp_path), "--tta", "flip,x"]) == 2
+    assert "segdist: error: --tta: 'x'" in capsys.readouterr().err
