@@ -1,6 +1,7 @@
 """``segdist demo`` / ``make demo``: the whole pipeline on the embedded synthetic dataset.
 
-synth -> shards build -> shards verify -> train (configs/demo.yaml) -> eval -> predict.
+synth -> shards build -> shards verify -> train (configs/demo.yaml) -> eval -> predict -> export
+(ONNX, checked against PyTorch on the val shards).
 """
 
 from __future__ import annotations
@@ -30,18 +31,19 @@ def run_demo(workdir: str = "runs", overrides: list[str] | tuple = ()) -> dict:
         if subprocess.run([sys.executable, "-m", "segdist", *argv]).returncode != 0:
             raise UserError(f"demo step {title!r} failed (its message is above)")
 
-    step("1/5 synthetic data", ["synth", str(data), "--n", "240", "--size", "256", "--classes", "1", "--seed", "0"])
-    step("2/5 build shards", ["shards", "build", str(data), "--out", str(shards), "--samples-per-shard", "32"])
-    step("3/5 verify shards", ["shards", "verify", str(shards)])
-    print(f"\n== 4/5 train: segdist train --config {DEMO_CONFIG.relative_to(DEMO_CONFIG.parents[1])} "
+    step("1/6 synthetic data", ["synth", str(data), "--n", "240", "--size", "256", "--classes", "1", "--seed", "0"])
+    step("2/6 build shards", ["shards", "build", str(data), "--out", str(shards), "--samples-per-shard", "32"])
+    step("3/6 verify shards", ["shards", "verify", str(shards)])
+    print(f"\n== 4/6 train: segdist train --config {DEMO_CONFIG.relative_to(DEMO_CONFIG.parents[1])} "
           f"data.shards={shards} train.out_dir={work}", flush=True)
     from .train import run
 
     metrics = run(cfg)
     best = work / cfg.train.name / "best"
-    step("5/5 predict", ["predict", str(best), str(data / "images"), "--out", str(work / cfg.train.name / "predict")])
+    step("5/6 predict", ["predict", str(best), str(data / "images"), "--out", str(work / cfg.train.name / "predict")])
     run_dir = work / cfg.train.name
+    step("6/6 export", ["export", str(best), "--onnx", str(run_dir / "model.onnx"), "--shards", str(shards)])
     print(f"\ndemo done in {time.perf_counter() - t0:.0f} s: final val IoU {metrics['iou']:.4f}, "
           f"Dice {metrics['dice']:.4f}\n  curves:   {run_dir / 'curves.png'}\n  overlays: {run_dir / 'overlays'} "
-          f"and {run_dir / 'predict' / 'overlays'}\n  model:    {best}")
+          f"and {run_dir / 'predict' / 'overlays'}\n  model:    {best}\n  onnx:     {run_dir / 'model.onnx'}")
     return metrics
