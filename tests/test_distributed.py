@@ -120,10 +120,22 @@ def step_losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if r.get("event") == "train"]
 
 
-@pytest.mark.timeout(900)
-def test_sigusr1_pauses_both_ranks_at_one_step_and_the_rerun_continues_exactly(tmp_path):
+def pause_mid_epoch(procs: list[subprocess.Popen], run_dir: Path) -> list[tuple[int, str]]:
+    """SIGUSR1 to every rank mid-epoch 1 (6 steps per epoch: once 8 steps are logged); their results."""
     import signal
     import time
+
+    deadline = time.time() + 300
+    while time.time() < deadline and len(step_losses(run_dir) if (run_dir / "metrics.jsonl").exists() else []) < 8:
+        assert all(p.poll() is None for p in procs), wait_all(procs)
+        time.sleep(0.05)
+    for p in procs:
+        os.kill(p.pid, signal.SIGUSR1)
+    return wait_all(procs)
+
+
+@pytest.mark.timeout(900)
+def test_sigusr1_pauses_both_ranks_at_one_step_and_the_rerun_continues_exactly(tmp_path):
 
     from segdist.errors import REQUEUE_EXIT
 
@@ -131,15 +143,7 @@ def test_sigusr1_pauses_both_ranks_at_one_step_and_the_rerun_continues_exactly(t
     argv = ["launch/train.py", *train_overrides(shards, tmp_path, "x", "train.epochs=2", "train.log_every=1",
                                                  "train.resume=auto")]
     run_dir = tmp_path / "x"
-    procs = start_ranks(argv, free_port())
-    deadline = time.time() + 300
-    # Mid-epoch 1 (6 steps per epoch): signal once 8 steps are logged.
-    while time.time() < deadline and len(step_losses(run_dir) if (run_dir / "metrics.jsonl").exists() else []) < 8:
-        assert all(p.poll() is None for p in procs), wait_all(procs)
-        time.sleep(0.05)
-    for p in procs:
-        os.kill(p.pid, signal.SIGUSR1)
-    results = wait_all(procs)
+    results = pause_mid_epoch(start_ranks(argv, free_port()), run_dir)
     assert [rc for rc, _ in results] == [REQUEUE_EXIT] * 2, results
     assert all("paused by" in text for _, text in results)
     assert "paused by SIGUSR1" in results[0][1]
@@ -186,8 +190,6 @@ def trained_keys_by_epoch(run_dir: Path) -> dict[int, Counter]:
 
 @pytest.mark.timeout(900)
 def test_a_two_process_run_paused_mid_epoch_resumes_on_one_process_without_repeating_or_skipping(tmp_path):
-    import signal
-    import time
 
     from segdist.errors import REQUEUE_EXIT
     from segdist.shards import open_shards
@@ -196,14 +198,8 @@ def test_a_two_process_run_paused_mid_epoch_resumes_on_one_process_without_repea
     shards = write_shards(tmp_path / "shards", {"train": [9, 8, 7], "val": [4, 4]}, size=64)
     args = train_overrides(shards, tmp_path, "e", "train.epochs=2", "train.log_every=1", "train.resume=auto")
     run_dir = tmp_path / "e"
-    procs = start_ranks(["tests/scripts/record_keys_train.py", *args], free_port())
-    deadline = time.time() + 300
-    while time.time() < deadline and len(step_losses(run_dir) if (run_dir / "metrics.jsonl").exists() else []) < 8:
-        assert all(p.poll() is None for p in procs), wait_all(procs)
-        time.sleep(0.05)
-    for p in procs:
-        os.kill(p.pid, signal.SIGUSR1)
-    assert [rc for rc, _ in wait_all(procs)] == [REQUEUE_EXIT] * 2
+    results = pause_mid_epoch(start_ranks(["tests/scripts/record_keys_train.py", *args], free_port()), run_dir)
+    assert [rc for rc, _ in results] == [REQUEUE_EXIT] * 2
     paused = json.loads((sorted((run_dir / "states").glob("step-*"))[-1] / "loop.json").read_text())
     assert paused["epoch"] == 1 and 0 < paused["batch"] < 6
 
