@@ -65,6 +65,7 @@ def add_cli(sub) -> None:
                         f"(default: default)")
     t.add_argument("--precision", choices=("no", "bf16"), default="no", help="segdist's step under bf16 autocast")
     t.add_argument("--channels-last", action="store_true", help="segdist's model and input in channels_last")
+    t.add_argument("--compile", action="store_true", help="segdist's model through torch.compile (in the warm-up)")
     t.add_argument("--threads", type=int, default=0, help="torch threads in both loops (default 0: one per core)")
     t.set_defaults(func=_cmd_train)
 
@@ -98,6 +99,6 @@ def _cmd_train(args) -> int:
                                        batch=args.batch, workers=args.workers, max_side=args.max_side,
                                        limit=args.limit, steps=args.steps, warmup=args.warmup, malloc=malloc,
                                        precision=args.precision, channels_last=args.channels_last,
-                                       threads=args.threads))
+                                       threads=args.threads, compile=args.compile))
     print(json.dumps(result) if args.json else format_train_table(result))
     return 0

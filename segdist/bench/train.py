@@ -1,4 +1,21 @@
-"""``segdist bench train``: the course's training loop vs segdist's training step, in one run."""
+"""``segdist bench train``: the course's training loop vs segdist's training step, in one run.
+
+Both loops train the same SMP Unet on ``tu-efficientnet_lite0`` (random init) with Dice + BCE and
+Adam(3e-3) on the CPU, from the same CSV rows at the same size and batch:
+
+* **course** -- the course's loop: ``course_loader`` (cv2 + albumentations in DataLoader workers,
+  float batches), ``zero_grad -> forward -> loss -> backward -> step -> loss.item()``.
+* **segdist** -- segdist's step from its public pieces: ``Loader`` over ``ShardStream`` (shards built
+  from the same rows), ``to_device``, ``DeviceAugment``, ``create_model``/``create_loss``/
+  ``create_optimizer``, clipping to ``optim.grad_clip``.
+
+Each loop runs in a fresh interpreter (spawn) for each glibc malloc setting (:data:`MALLOC_SETTINGS`),
+so allocator settings and heap state never leak from one measurement into the next. After
+``warmup`` untimed steps, ``steps`` are timed: images/s, the share of time spent waiting for a
+batch, minor page faults (the process tree: training process, live and reaped loader workers)
+per second and per step, peak RSS summed over the tree (sampled) and the training process's own
+max RSS. Why page faults: see :mod:`segdist.memory`.
+"""
 
 from __future__ import annotations
 
@@ -22,9 +39,6 @@ from .common import (BenchArgs, OtherCpu, PeakRss, build_bench_shards, check_arg
 from .data import stream_epochs
 
 
-
-
-# ----------------------------------------------------------------------------- training step
 def _proc_minflt(pid: int) -> int:
     """Minor faults of live process ``pid`` and of its reaped children (/proc/PID/stat minflt + cminflt)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -63,6 +77,8 @@ class TrainArgs(BenchArgs):
     """segdist's model and input in channels_last memory format (``model.channels_last``)."""
     threads: int = 0
     """torch intra-op threads in both loops; 0 = torch's default (one per core)."""
+    compile: bool = False
+    """segdist's model through ``torch.compile`` (``model.compile``); compiling happens in the warm-up steps."""
 
 
 def _course_stepper(args: TrainArgs, rows: list, urls: list, sizes: list, stack: contextlib.ExitStack):
@@ -108,6 +124,7 @@ def _segdist_stepper(args: TrainArgs, rows: list, urls: list, sizes: list, stack
     model = create_model(ModelConfig(pretrained="none"), 1)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if args.compile else model
     optim_cfg = OptimConfig(name="adam", lr=3e-3, weight_decay=0.0)
     optimizer, loss_fn = create_optimizer(optim_cfg, model), create_loss(LossConfig(), 1)
     aug = DeviceAugment(AugmentConfig(), train=True)
@@ -124,7 +141,7 @@ def _segdist_stepper(args: TrainArgs, rows: list, urls: list, sizes: list, stack
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(forward(x), y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, optim_cfg.grad_clip)
         optimizer.step()
@@ -227,7 +244,7 @@ def run_train_bench(args: TrainArgs) -> dict:
     return {"runs": runs, "malloc_settings": {m: MALLOC_SETTINGS[m] for m in args.malloc},
             "size": args.size, "batch": args.batch, "workers": args.workers, "steps": args.steps,
             "warmup": args.warmup, "precision": args.precision, "channels_last": args.channels_last,
-            "threads": args.threads or torch.get_num_threads(),
+            "threads": args.threads or torch.get_num_threads(), "compile": args.compile,
             "max_side": args.max_side if not args.shards else None, "samples": sum(sizes), "device": "cpu",
             "cpus": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__}
 
@@ -235,7 +252,8 @@ def run_train_bench(args: TrainArgs) -> dict:
 def format_train_table(r: dict) -> str:
     lines = [f"segdist bench train: size {r['size']}, batch {r['batch']}, {r['steps']} steps after {r['warmup']} "
              f"warm-up, {r['workers']} workers, segdist precision {r['precision']}"
-             f"{', channels_last' if r['channels_last'] else ''}; {r['cpus']} CPUs ({r['cpu']})",
+             f"{', channels_last' if r['channels_last'] else ''}{', compiled' if r['compile'] else ''}; "
+             f"{r['cpus']} CPUs ({r['cpu']})",
              f"{'malloc':<8} {'loop':<8} {'img/s':>7} {'x course':>9} {'data-wait':>10} {'faults/s':>10} "
              f"{'main f/s':>10} {'peak RSS MB':>12}"]
     for setting, run in r["runs"].items():
