@@ -63,6 +63,9 @@ def _eval_parser(sub) -> None:
     p.add_argument("--mode", choices=("stream", "resize", "sliding"), default="stream",
                    help="stream: the batched network inputs validation sees (data.image_size); resize / sliding: "
                         "each sample predicted as `segdist predict --mode` does and scored at its native resolution")
+    p.add_argument("--full-res", action="store_true",
+                   help="both resolutions, the headline at full resolution: --mode resize (logits resized to each "
+                        "stored mask) plus the stream scores")
     p.add_argument("--batch-size", type=int, default=0,
                    help="samples (stream) or windows (resize/sliding) per batch; 0: the checkpoint's config")
     p.add_argument("--num-workers", type=int, default=-1, help="-1: the checkpoint's config")
@@ -72,6 +75,15 @@ def _eval_parser(sub) -> None:
 
 
 def _cmd_eval(args) -> int:
+    if args.full_res:
+        if args.mode == "sliding":
+            raise UserError("--full-res scores the resized full image; for windows use --mode sliding without it")
+        from .infer import evaluate_full_res
+
+        evaluate_full_res(args.ckpt, args.shards, split=args.split, batch_size=args.batch_size,
+                          num_workers=args.num_workers, as_json=args.json, overlap=args.overlap, blend=args.blend,
+                          tta=args.tta, threshold=args.threshold)
+        return 0
     if args.mode == "stream":
         if args.tta:
             raise UserError("--tta needs --mode resize or sliding (the stream mode scores the training batches)")
@@ -184,8 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .memory import tune_malloc
     from .track import default_wandb_mode
 
+    # Before the first tensor: freed activations stay mapped instead of being faulted in again every
+    # step (1.6x on CPU training, docs/benchmarks.md); forked loader workers inherit it. A user's own
+    # MALLOC_* variables win (segdist/memory.py).
+    tune_malloc()
     default_wandb_mode()
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -140,6 +140,13 @@ class TrainConfig:
     seed: int = 42
     eval_every: int = 1
     """Evaluate every N epochs (and always after the last)."""
+    eval_full_res: bool = False
+    """Also evaluate each epoch at every val image's stored resolution: logits of the squashed/resized
+    network input resized (bilinear) to the mask and counted there, as ``segdist eval --full-res``.
+    Both resolutions are logged; full resolution is then the headline and picks ``best/``."""
+    eval_tta: str = "none"
+    """Test-time augmentation of the full-resolution evaluation: ``none`` or ``flip`` (mean of the
+    image and its mirror's probabilities). Multi-scale TTA: ``segdist eval --tta flip,0.75,1,1.25``."""
     log_every: int = 10
     checkpoint_every: int = 0
     """Save a resumable state every N optimiser steps (0: only at epoch ends)."""
@@ -321,7 +328,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     return {"train.mixed_precision": ("auto", "no", "fp16", "bf16"), "optim.name": tuple(OPTIMIZERS),
             "optim.scheduler": tuple(SCHEDULERS), "track.backend": ("wandb", "tensorboard", "none"),
             "data.decode": ("cpu", "device"), "data.resize": RESIZE_MODES, "loss.name": ("auto", *LOSSES),
-            "loss.class_weights": tuple(CLASS_WEIGHTS)}
+            "loss.class_weights": tuple(CLASS_WEIGHTS), "train.eval_tta": ("none", "flip")}
 
 
 def check_section(name: str, section) -> None:

@@ -130,7 +130,9 @@ def eval_session(ckpt: str, shards: str) -> Iterator[EvalSession]:
 
 def format_metrics(split: str, metrics: dict) -> str:
     at = f" at {metrics['resolution']}" if "resolution" in metrics else ""
-    lines = [f"{split}{at}: IoU {metrics['iou']:.4f}  Dice {metrics['dice']:.4f}  ({metrics['num_samples']} samples)"]
+    acc = f"  pixel acc {metrics['pixel_acc']:.4f}" if "pixel_acc" in metrics else ""
+    lines = [(f"{split}{at}: IoU {metrics['iou']:.4f}  Dice {metrics['dice']:.4f}{acc}  "
+              f"({metrics['num_samples']} samples)")]
     for c in metrics["per_class"]:
         iou = "absent" if c["iou"] is None else f"{c['iou']:.4f}"
         lines.append(f"  {c['name']:>20}: IoU {iou}  tp {c['tp']} fp {c['fp']} fn {c['fn']}")
@@ -141,7 +143,8 @@ def report(split: str, metrics: dict, accelerator, as_json: bool = False) -> Non
     """Print the scores once (main process): a table, or one JSON object."""
     if not accelerator.is_main_process:
         return
-    keys = ("iou", "dice", "micro_iou", "micro_dice", "per_class", "num_samples", "loss", "resolution")
+    keys = ("iou", "dice", "iou_present", "pixel_acc", "micro_iou", "micro_dice", "per_class", "num_samples", "loss",
+            "resolution", "input_res")
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}) if as_json else format_metrics(split, metrics))
 
 
@@ -150,11 +153,17 @@ def evaluate_checkpoint(ckpt: str, shards: str, split: str = "val", batch_size: 
     """``segdist eval``: exact metrics of a saved model on a shard split (1 or N processes), at the
     network input size: the squashed (or cropped) batches validation sees."""
     with eval_session(ckpt, shards) as s:
-        loss_fn = create_loss(s.cfg.loss, 1 if s.meta["binary"] else s.meta["num_classes"])
-        metrics, _ = evaluate(s.model, val_loader(s.cfg, s.shards, split, s.accelerator, batch_size, num_workers),
-                              s.accelerator, DeviceAugment(s.cfg.augment, train=False), loss_fn,
-                              s.meta["num_classes"], s.meta["binary"], s.meta["class_names"])
-        h, w = as_hw(s.cfg.data.image_size)
-        metrics["resolution"] = f"the network input {h}x{w} (data.resize {s.cfg.data.resize})"
+        metrics = stream_metrics(s, split, batch_size, num_workers)
         report(split, metrics, s.accelerator, as_json)
+    return metrics
+
+
+def stream_metrics(s: EvalSession, split: str = "val", batch_size: int = 0, num_workers: int = -1) -> dict:
+    """Exact metrics of the session's model on ``split`` as validation sees it (``data.image_size``)."""
+    loss_fn = create_loss(s.cfg.loss, 1 if s.meta["binary"] else s.meta["num_classes"])
+    metrics, _ = evaluate(s.model, val_loader(s.cfg, s.shards, split, s.accelerator, batch_size, num_workers),
+                          s.accelerator, DeviceAugment(s.cfg.augment, train=False), loss_fn,
+                          s.meta["num_classes"], s.meta["binary"], s.meta["class_names"])
+    h, w = as_hw(s.cfg.data.image_size)
+    metrics["resolution"] = f"the network input {h}x{w} (data.resize {s.cfg.data.resize})"
     return metrics

@@ -339,6 +339,13 @@ def _metrics(metrics: dict | None) -> list[str]:
     lines = [(f"Validation ({metrics.get('num_samples', '?')} images{when}): IoU **{fmt(metrics.get('iou'))}**, "
               f"Dice **{fmt(metrics.get('dice'))}** (exact: summed TP/FP/FN counts; binary scores the "
               "foreground class).")]
+    if "resolution" in metrics:
+        lines[0] += f" Scored at {metrics['resolution']}."
+    if "pixel_acc" in metrics:
+        lines[0] += f" Pixel accuracy {fmt(metrics['pixel_acc'])}."
+    if "input_res" in metrics:
+        inp = metrics["input_res"]
+        lines[0] += f" At the network input: IoU {fmt(inp.get('iou'))}, Dice {fmt(inp.get('dice'))}."
     if metrics.get("per_class"):
         lines += ["", "| class | IoU | Dice |", "|---|---|---|"]
         lines += [f"| {c['name']} | {fmt(c.get('iou'))} | {fmt(c.get('dice'))} |" for c in metrics["per_class"]]

@@ -62,7 +62,12 @@ class SegCounts:
         self.num_samples = int(flat[-1])
 
     def compute(self, class_names: list[str] | None = None) -> dict:
-        """Scores from counts. ``per_class`` holds every class, with None where it is absent."""
+        """Scores from counts. ``per_class`` holds every class, with None where it is absent.
+
+        ``iou``/``dice``: means over the classes in the truth or the predictions (binary: the
+        foreground only); ``iou_present``: mean IoU over the classes the masks hold; ``pixel_acc``:
+        correct / counted pixels (all classes, ignored pixels excluded); ``micro_*``: from summed counts.
+        """
         names = class_names or [str(i) for i in range(self.num_classes)]
         tp, fp, fn, _ = (c.double() for c in self.counts.cpu())
         per_class = []
@@ -77,8 +82,13 @@ class SegCounts:
         mean = lambda key: sum(c[key] for c in present) / len(present) if present else float("nan")  # noqa: E731
         stp, sfp, sfn = (float(x[1:].sum() if self.binary else x.sum()) for x in (tp, fp, fn))
         micro_den = stp + sfp + sfn
+        in_truth = [c["iou"] for c in scored if c["tp"] + c["fn"] > 0]
+        total = float(self.cm.sum())
         return {
             "iou": mean("iou"),
+            # classes the split's masks hold (a class only ever predicted is left out here, kept in "iou")
+            "iou_present": sum(in_truth) / len(in_truth) if in_truth else float("nan"),
+            "pixel_acc": float(tp.sum()) / total if total else float("nan"),
             "dice": mean("dice"),
             "micro_iou": stp / micro_den if micro_den else float("nan"),
             "micro_dice": 2 * stp / (2 * stp + sfp + sfn) if micro_den else float("nan"),

@@ -227,6 +227,8 @@ def evaluate_and_save(t: Trainer, loop: Loop) -> tuple[dict, float]:
     metrics, shown = evaluate(model, val_loader(t.cfg, t.shards, "val", acc), acc, t.eval_aug, t.loss_fn,
                               t.meta["num_classes"], t.meta["binary"], t.meta["class_names"],
                               overlays=t.cfg.train.overlays)
+    if t.cfg.train.eval_full_res:
+        metrics = full_res_metrics(t, model, metrics)
     iou = metrics["iou"]
     improved = not math.isnan(iou) and iou > best_iou
     if acc.is_main_process:
@@ -242,6 +244,19 @@ def evaluate_and_save(t: Trainer, loop: Loop) -> tuple[dict, float]:
             t.log.log_overlays(overlay_grid(images, shown["gts"], shown["preds"], t.meta["num_classes"]), images,
                                shown["gts"], shown["preds"], t.meta["class_names"], loop.step, loop.epoch)
     return metrics, iou if improved else best_iou
+
+
+def full_res_metrics(t: Trainer, model, at_input: dict) -> dict:
+    """``train.eval_full_res``: the val split scored at each mask's stored resolution (the headline),
+    with the network-input scores ``at_input`` kept under ``"input_res"``."""
+    from .infer import native_metrics, options_for
+
+    cfg = t.cfg
+    opts = options_for(t.meta, "resize", tta="" if cfg.train.eval_tta == "none" else cfg.train.eval_tta)
+    full = native_metrics(model, t.meta, opts, cfg, t.shards, t.accelerator, "val",
+                          cfg.data.val_batch_size or cfg.data.batch_size, progress=False)
+    keep = ("iou", "dice", "iou_present", "pixel_acc", "per_class", "resolution")
+    return {**full, "loss": at_input["loss"], "input_res": {k: at_input[k] for k in keep if k in at_input}}
 
 
 # ------------------------------------------------------------------------------ set-up
@@ -442,8 +457,16 @@ class Meter:
 
 
 def val_record(metrics: dict) -> dict:
-    return {"val_loss": metrics["loss"], "val_iou": metrics["iou"], "val_dice": metrics["dice"],
-            **{f"val_iou/{c['name']}": c["iou"] for c in metrics["per_class"] if c["iou"] is not None}}
+    """The logged val scores: the headline (full resolution with ``train.eval_full_res``), plus the
+    network-input scores as ``val_input_*`` when both were measured."""
+    rec = {"val_loss": metrics["loss"], "val_iou": metrics["iou"], "val_dice": metrics["dice"],
+           "val_pixel_acc": metrics["pixel_acc"],
+           **{f"val_iou/{c['name']}": c["iou"] for c in metrics["per_class"] if c["iou"] is not None}}
+    if len(metrics["per_class"]) > 2:  # multi-class: also the mean over the classes the masks hold
+        rec["val_iou_present"] = metrics["iou_present"]
+    if "input_res" in metrics:
+        rec |= {f"val_input_{k}": metrics["input_res"][k] for k in ("iou", "dice", "pixel_acc")}
+    return rec
 
 
 def describe(t: Trainer) -> str:
@@ -457,7 +480,8 @@ def describe(t: Trainer) -> str:
 
 def summary_line(rec: dict) -> str:
     parts = [f"epoch {rec['epoch']}", f"train_loss {rec['train_loss']:.4f}"]
-    parts += [f"{k} {rec[k]:.4f}" for k in ("val_loss", "val_iou", "val_dice") if k in rec]
+    parts += [f"{k} {rec[k]:.4f}" for k in ("val_loss", "val_iou", "val_dice", "val_iou_present", "val_pixel_acc",
+                                          "val_input_iou") if k in rec]
     parts += [f"{rec['img_s']:.1f} img/s", f"data-wait {100 * rec['data_wait']:.0f}%"]
     if rec.get("decode_fallbacks"):
         parts.append(f"{rec['decode_fallbacks']} JPEGs decoded on the CPU (the device decoder refused them)")

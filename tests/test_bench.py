@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 
 import pytest
 
@@ -148,6 +149,44 @@ def test_bench_train_json_smoke(capsys):
             assert run[loop][key] > 0, (loop, key)
         assert 0 <= run[loop]["data_wait"] < 1
     assert run["speedup_vs_course"] == pytest.approx(run["segdist"]["img_s"] / run["course"]["img_s"], rel=0.01)
+    # "default" is how users run each: the course on glibc's defaults, segdist as shipped (tuned by its CLI)
+    assert run["course"]["mallopt_applied"] is None
+    assert run["segdist"]["mallopt_applied"] is (platform.libc_ver()[0] == "glibc")
+
+
+FAULTS = """
+import resource, sys, torch
+if sys.argv[1] == "cli":
+    from segdist.cli import main
+    main(["synth", sys.argv[2], "--n", "1", "--size", "32"])
+def touch():
+    x = torch.empty(16 * 2**20)  # 64 MiB: above glibc's mmap threshold
+    x.fill_(1.0)
+for _ in range(10):  # glibc settles into reusing the freed block after a few rounds (5 here)
+    touch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    touch()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning is glibc's")
+def test_the_cli_keeps_freed_memory_mapped_so_steps_stop_faulting(tmp_path):
+    """Real page faults: 10 x (allocate, touch, free) 64 MiB costs ~160k minor faults on glibc's defaults,
+    next to none once `segdist ...` has started (it tunes malloc before anything else)."""
+    import os
+    import subprocess
+    import sys
+
+    from segdist.memory import USER_VARS
+
+    env = {k: v for k, v in os.environ.items() if k not in USER_VARS}
+    faults = {how: int(subprocess.run([sys.executable, "-c", FAULTS, how, str(tmp_path / how)], env=env,
+                                      capture_output=True, text=True, check=True, timeout=300).stdout.split()[-1])
+              for how in ("plain", "cli")}
+    assert faults["plain"] > 10 * 16 * 2**20 // 4096 // 2, faults  # every round faults its pages in again
+    assert faults["cli"] < faults["plain"] / 20, faults
 
 
 def test_tune_malloc_applies_on_glibc_and_respects_the_users_variables():

@@ -133,6 +133,50 @@ def test_default_eval_is_still_the_stream_and_says_its_resolution(mixed_ckpt, ph
     assert "--tta needs --mode resize or sliding" in capsys.readouterr().err
 
 
+def test_full_res_reports_both_resolutions_with_full_res_the_headline(mixed_ckpt, photo_shards, capsys):
+    """`--full-res` = the `--mode resize` counts (headline) + the stream scores; pixel accuracy by hand."""
+    from segdist.cli import main
+
+    args = [str(mixed_ckpt), "--shards", str(photo_shards), "--json", "--num-workers", "0"]
+    outs = {}
+    for name, extra in {"full": ["--full-res"], "resize": ["--mode", "resize"], "stream": []}.items():
+        assert main(["eval", *args, *extra]) == 0
+        outs[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    full, resize, stream = outs["full"], outs["resize"], outs["stream"]
+    assert counts_of(full) == pytest.approx(counts_of(resize)) and full["iou"] == resize["iou"]
+    assert full["resolution"].startswith("native") and full["input_res"]["iou"] == stream["iou"]
+    assert full["iou"] != full["input_res"]["iou"]  # the two resolutions really differ here
+    tp = counts_of(full)[:, 0]
+    assert full["pixel_acc"] == pytest.approx(tp.sum() / (tp.sum() + counts_of(full)[:, 1].sum()))
+    assert main(["eval", *args[:-3], "--full-res", "--tta", "flip"]) == 0
+    text = capsys.readouterr().out
+    assert "val at the network input 64x64" in text and "TTA flip" in text and "headline (full resolution): IoU" in text
+    assert main(["eval", *args, "--full-res", "--mode", "sliding"]) == 2
+    assert "--full-res" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_training_evaluates_at_full_resolution_each_epoch(photo_shards, tmp_path):
+    """train.eval_full_res: the logged headline is what `segdist eval --full-res --tta flip` gives on the
+    saved model; the network-input score is logged beside it and best/ follows the headline."""
+    from segdist.cli import main
+    from segdist.config import load_config
+    from segdist.infer import evaluate_full_res
+    from segdist.train import run
+
+    cfg = load_config(None, [f"data.shards={photo_shards}", "data.image_size=64", "data.batch_size=1",
+                             "data.num_workers=0", "model.pretrained=none", "train.epochs=1", "track.backend=none",
+                             f"train.out_dir={tmp_path}", "train.name=fr", "train.eval_full_res=true",
+                             "train.eval_tta=flip", "train.overlays=0"])
+    run(cfg)
+    logged = [json.loads(line) for line in (tmp_path / "fr" / "metrics.jsonl").read_text().splitlines()][-1]
+    again = evaluate_full_res(tmp_path / "fr" / "best", str(photo_shards), tta="flip", num_workers=0, as_json=True)
+    assert logged["val_iou"] == again["iou"] and logged["val_input_iou"] == again["input_res"]["iou"]
+    assert logged["val_pixel_acc"] == again["pixel_acc"]
+    assert "TTA flip" in (tmp_path / "fr" / "best" / "README.md").read_text()
+    assert main(["train", "--config", "configs/demo.yaml", "train.eval_tta=flipp"]) == 2
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(600)

@@ -1,43 +1,43 @@
-"""Launchers: accelerate configs load, the SLURM script parses, the Colab notebook uses real keys."""
+"""launch/course_split.py: the course's train/val split of the human-segmentation dataset."""
 
 from __future__ import annotations
 
-import json
-import re
-import shlex
+import csv
 import subprocess
+import sys
+from pathlib import Path
 
-import pytest
+import numpy as np
 
-from segdist.config import load_config
-from tests.conftest import REPO
+from tests.conftest import HUMAN_SEG, require_dataset
 
-LAUNCH = REPO / "launch"
-
-
-@pytest.mark.parametrize("name", ["1gpu", "8gpu", "2x8gpu", "cpu2"])
-def test_accelerate_configs_load(name):
-    from accelerate.commands.config.config_args import load_config_from_file
-
-    cfg = load_config_from_file(str(LAUNCH / "accelerate" / f"{name}.yaml"))
-    assert cfg.num_processes >= 1 and cfg.num_machines >= 1
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_slurm_script_is_valid_bash_sets_ranks_and_requeues_on_pause():
-    from segdist.errors import REQUEUE_EXIT
+def test_course_split_is_the_courses_permutation_and_builds_shards(tmp_path):
+    root = require_dataset(HUMAN_SEG)
+    out = tmp_path / "split.csv"
+    run = subprocess.run([sys.executable, "launch/course_split.py", str(root), str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    with (root / "train.csv").open(newline="") as f:
+        original = list(csv.DictReader(f))
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["images"]).name for r in rows] == [Path(r["images"]).name for r in original]  # file order kept
+    val = {i for i, r in enumerate(rows) if r["split"] == "val"}
+    assert val == set(np.random.RandomState(42).permutation(290)[:58].tolist())  # the course's val rows
+    assert all(Path(r["images"]).is_file() and Path(r["masks"]).is_file() for r in rows)
 
-    text = (LAUNCH / "slurm.sbatch").read_text()
-    subprocess.run(["bash", "-n", str(LAUNCH / "slurm.sbatch")], check=True)
-    for needle in ("RANK=$SLURM_PROCID", "WORLD_SIZE=$SLURM_NTASKS", "LOCAL_RANK=$SLURM_LOCALID", "MASTER_ADDR=",
-                   "train.resume=auto", "--signal=USR1@", f'"$status" -eq {REQUEUE_EXIT}', "scontrol requeue"):
-        assert needle in text, needle
+    from segdist.shards import build_shards, open_shards
+
+    build_shards(out, tmp_path / "shards", max_side=64, workers=1, progress=False)
+    shards = open_shards(str(tmp_path / "shards"))
+    assert sum(shards.split("train")[1]) == 232 and sum(shards.split("val")[1]) == 58
 
 
-def test_colab_notebook_commands_use_valid_config_keys():
-    nb = json.loads((LAUNCH / "colab.ipynb").read_text())
-    src = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
-    train = re.search(r"!segdist train (.+?)(?:\n(?!\s)|$)", src.replace("\\\n", " "), re.S).group(1)
-    words = shlex.split(train.replace("$SHARDS", "x").replace("$PRECISION", "bf16"))
-    overrides = [w for w in words if "=" in w]
-    assert words[0] == "--config"
-    load_config(REPO / words[1], overrides)  # raises on any unknown key
+def test_course_split_names_a_wrong_folder(tmp_path):
+    run = subprocess.run([sys.executable, "launch/course_split.py", str(tmp_path), str(tmp_path / "x.csv")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "train.csv not found" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "x.csv").exists()

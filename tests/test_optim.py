@@ -66,17 +66,18 @@ def test_ema_matches_the_formula_and_survives_a_state_dict_round_trip():
     w = [p.detach().clone() for p in model.parameters()]
     ema.update(model)  # first update: a copy
     expect = [x.clone() for x in w]
-    for _ in range(3):
+    for n in range(1, 100):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
             model[1].running_mean.add_(1.0)
         ema.update(model)
-        expect = [e + 0.1 * (p.detach() - e) for e, p in zip(expect, model.parameters())]
+        decay = min(0.9, (1 + n) / (10 + n))  # the warm-up up to n = 80, then 0.9
+        expect = [e + (1 - decay) * (p.detach() - e) for e, p in zip(expect, model.parameters())]
     for a, b in zip(ema.module.parameters(), expect):
         assert torch.allclose(a, b, atol=1e-6)
     assert torch.equal(ema.module[1].running_mean, model[1].running_mean)  # statistics are current
     other = EMA(model, decay=0.9)
     other.load_state_dict(ema.state_dict())
-    assert other.updates == 4
+    assert other.updates == 100
     assert all(torch.equal(a, b) for a, b in zip(other.module.parameters(), ema.module.parameters()))
