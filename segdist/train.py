@@ -286,7 +286,7 @@ def setup(cfg: Config, stop: StopSignal) -> Trainer:
     init_trackers(acc, cfg, run_dir)
     meta = {"image_size": cfg.data.image_size, "mean": cfg.augment.mean, "std": cfg.augment.std,
             "class_names": shards.class_names, "num_classes": shards.num_classes, "binary": out_ch == 1,
-            "config": cfg.to_dict()}
+            "config": cfg.to_dict(), **({"palette": shards.palette} if shards.palette else {})}
     loss_fn = create_loss(cfg.loss, out_ch, class_weights(shards.manifest, cfg.loss.class_weights))
     return Trainer(cfg, stop, acc, run_dir, shards, meta, model, optimizer, scheduler, ema, loss_fn,
                    DeviceAugment(cfg.augment, train=True), DeviceAugment(cfg.augment, train=False), log,

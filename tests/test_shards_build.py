@@ -289,6 +289,10 @@ def test_clothing_palette_masks_read_as_class_indices(tmp_path):
     manifest = shards.build_shards(ds, out, classes=root / "classes.json", workers=1, progress=False)
     assert (manifest["task"], manifest["num_classes"]) == ("multiclass", 59)
     assert manifest["class_names"][:3] == ["null", "accessories", "bag"]
+    with Image.open(ds / "masks" / "0001.png") as im:  # the dataset's own class colours, for predicted masks
+        pal = im.getpalette()
+    assert manifest["palette"] == [pal[3 * i:3 * i + 3] for i in range(59)]
+    assert shards.open_shards(str(out)).palette == manifest["palette"]
     for key, files in read_samples(out).items():
         expected = np.asarray(Image.open(ds / "masks" / f"{key}.png"))  # mode P: the indices
         np.testing.assert_array_equal(decode(files["mask.png"]), expected)
@@ -374,6 +378,7 @@ def test_rgb_colour_masks_with_palette_file(tmp_path):
     m = shards.build_shards(ds, tmp_path / "out", palette=tmp_path / "palette.json", val_fraction=0,
                             workers=1, progress=False)
     assert (m["task"], m["class_names"]) == ("multiclass", ["bg", "red", "blue"])
+    assert m["palette"] == colours
     files = read_samples(tmp_path / "out")["x"]
     np.testing.assert_array_equal(decode(files["mask.png"]), labels)
     assert "image.png" in files  # an unchanged 8-bit RGB PNG keeps its bytes

@@ -335,3 +335,38 @@ def test_training_on_real_non_square_photos_in_crop_modes(photo_shards, tmp_path
     assert "final val IoU" in p.stdout
     meta = json.loads((tmp_path / mode / "best" / "segdist.json").read_text())
     assert meta["image_size"] == [64, 96] and meta["config"]["data"]["resize"] == mode
+
+
+@pytest.mark.slow
+def test_clothing_training_keeps_the_datasets_colours_for_predicted_masks(tmp_path):
+    """Real palette masks (clothing-parsing) -> manifest palette -> the model's meta -> palette PNGs from predict,
+    with the dataset's own colours; per-class scores over 59 classes without a crash on absent classes."""
+    from PIL import Image
+
+    from segdist.shards import build_shards
+    from tests.conftest import CLOTHING, require_dataset
+
+    root = require_dataset(CLOTHING)
+    src = tmp_path / "src"
+    for sub in ("images", "masks"):
+        (src / sub).mkdir(parents=True)
+    for n in ("0001", "0002", "0003", "0004", "0005", "0006"):
+        (src / "images" / f"{n}.jpg").symlink_to(root / "photos" / f"{n}.jpg")
+        (src / "masks" / f"{n}.png").symlink_to(root / "masks" / f"{n}.png")
+    build_shards(src, tmp_path / "shards", classes=root / "classes.json", max_side=96, val_fraction=0.34,
+                 workers=1, progress=False)
+    run_ok([*train_cmd(tmp_path / "shards", tmp_path, "cloth", "data.batch_size=2", "train.epochs=1",
+                       "data.image_size=[96,64]", "data.resize=short_side")])
+    from segdist.checkpoint import read_meta
+
+    meta = read_meta(tmp_path / "cloth" / "best")
+    with Image.open(root / "masks" / "0001.png") as im:
+        pal = im.getpalette()
+    assert meta["palette"] == [pal[3 * i:3 * i + 3] for i in range(59)]
+    out = tmp_path / "pred"
+    run_ok([sys.executable, "-m", "segdist", "predict", str(tmp_path / "cloth" / "best"),
+            str(root / "photos" / "0001.jpg"), "--out", str(out), "--device", "cpu"])
+    with Image.open(out / "masks" / "0001.png") as im:
+        assert im.mode == "P" and im.size == (550, 832) and im.getpalette()[:3 * 59] == pal[:3 * 59]
+    metrics = [json.loads(line) for line in (tmp_path / "cloth" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert 0 <= metrics["val_pixel_acc"] <= 1 and 0 <= metrics["val_iou_present"] <= 1

@@ -368,6 +368,9 @@ def build_shards(src=None, out=None, *, progress: bool = True, **options) -> dic
             manifest = _write_shards(tmp, pmap, pairs, opts, labels, found, o.samples_per_shard, o.shard_size_mb,
                                      o.on_error, progress)
             manifest.update(_manifest_header(src, found, o.record(), labels, split_info, o.channels, stale))
+            colours = class_colours(pairs, labels, palette_table)
+            if colours:
+                manifest["palette"] = colours
             manifest = _ordered_manifest(manifest)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")  # the folder rename is the atomic step
     return manifest
@@ -458,6 +461,32 @@ def _manifest_header(src, found: Discovery, builder: dict, labels: Labels, split
         "label_rule": labels.rule, "split": split_info, "source": source, "builder": builder,
         "stale_removed": stale,
     }
+
+
+def class_colours(pairs: list[Pair], labels: Labels, table: tuple[tuple[int, int], ...]) -> list | None:
+    """``[[r, g, b], ...]`` for each stored class of a multi-class build, so predictions can be written
+    in the dataset's own colours: the ``--palette`` colours, else the palette of the first mask when
+    it is a palette PNG (Pascal VOC, clothing-parsing). None for binary tasks, gray masks, or when a
+    class has no colour."""
+    if labels.task != "multiclass" or not pairs:
+        return None
+    to_class = dict(labels.value_map)
+    if table:
+        packed = {to_class.get(raw): colour for colour, raw in table}
+        by_class = {c: [(v >> 16) & 255, (v >> 8) & 255, v & 255] for c, v in packed.items()}
+    else:
+        from PIL import Image
+
+        try:
+            with Image.open(pairs[0].mask) as im:
+                pal = im.getpalette() if im.mode == "P" else None
+        except OSError:
+            return None
+        if not pal:
+            return None
+        by_class = {to_class.get(raw): pal[3 * raw:3 * raw + 3] for raw in range(len(pal) // 3)}
+    colours = [by_class.get(c) for c in range(labels.num_classes)]
+    return None if any(c is None or len(c) != 3 for c in colours) else [list(map(int, c)) for c in colours]
 
 
 _KEY_ORDER = ("format", "version", "created", "segdist_version", "task", "num_classes", "class_names",

@@ -222,6 +222,11 @@ class ShardSet:
                             f"(have: {', '.join(self.splits) or 'none'})")
         return self.splits[name]
 
+    @property
+    def palette(self) -> list[list[int]] | None:
+        """The class colours ``[[r, g, b], ...]`` the build recorded (multi-class palette masks), else None."""
+        return (self.manifest or {}).get("palette")
+
     def shards(self, name: str) -> list[dict]:
         """The manifest's entries (name, samples, bytes, sha256) of split ``name``'s shards; [] for a pattern."""
         if self.manifest is None:
