@@ -7,7 +7,7 @@ Adam(3e-3) on the CPU, from the same CSV rows at the same size and batch:
   float batches), ``zero_grad -> forward -> loss -> backward -> step -> loss.item()``.
 * **segdist** -- segdist's step from its public pieces: ``Loader`` over ``ShardStream`` (shards built
   from the same rows), ``to_device``, ``DeviceAugment``, ``create_model``/``create_loss``/
-  ``create_optimizer``, clipping to ``optim.grad_clip``.
+  ``create_optimizer``, clipping to ``optim.grad_clip``; the course's flips (:data:`COURSE_AUGMENT_KW`).
 
 Each loop runs in a fresh interpreter (spawn) for each glibc malloc setting (:data:`MALLOC_SETTINGS`),
 so allocator settings and heap state never leak from one measurement into the next. After
@@ -115,6 +115,7 @@ def _segdist_stepper(args: TrainArgs, rows: list, urls: list, sizes: list, stack
     clip to ``optim.grad_clip`` -> Adam(3e-3, as the course) -> zero_grad(set_to_none)."""
     from ..augment import DeviceAugment
     from ..config import AugmentConfig, LossConfig, ModelConfig, OptimConfig
+
     from ..decode import to_device
     from ..losses import create_loss
     from ..models import create_model
@@ -127,7 +128,7 @@ def _segdist_stepper(args: TrainArgs, rows: list, urls: list, sizes: list, stack
     forward = torch.compile(model) if args.compile else model
     optim_cfg = OptimConfig(name="adam", lr=3e-3, weight_decay=0.0)
     optimizer, loss_fn = create_optimizer(optim_cfg, model), create_loss(LossConfig(), 1)
-    aug = DeviceAugment(AugmentConfig(), train=True)
+    aug = DeviceAugment(AugmentConfig(**COURSE_AUGMENT_KW), train=True)
     make_epoch = stack.enter_context(stream_epochs(urls, sizes, args))
     batches = (b for e in itertools.count() for b in make_epoch(e))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -150,6 +151,11 @@ def _segdist_stepper(args: TrainArgs, rows: list, urls: list, sizes: list, stack
 
     return step
 
+
+COURSE_AUGMENT_KW = {"hflip": 0.5, "vflip": 0.5, "crop_p": 0.0, "color_p": 0.0}
+"""The course's augmentation (albumentations HorizontalFlip + VerticalFlip) as segdist's augment keys, so
+both loops train the same recipe; segdist's default crop + colour jitter cost ~0.8 s per 16-image batch on
+one CPU thread (the colour jitter's HSV round trip most of it), which is recipe, not step speed."""
 
 LOOPS = {"course": _course_stepper, "segdist": _segdist_stepper}
 """Training loops ``segdist bench train`` compares: (args, rows, urls, sizes, exit stack) -> step() -> data-wait s."""
