@@ -154,7 +154,7 @@ def plot_curves(metrics_path: Path, out: Path) -> None:
         xs = [r["epoch"] for r in ep if "val_loss" in r]
         a.plot(xs, [r["val_loss"] for r in ep if "val_loss" in r], "s-", label="val loss")
     a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend(), a.grid(alpha=0.3)
-    for key, style in (("val_iou", "o-"), ("val_dice", "s--")):
+    for key, style in (("val_iou", "o-"), ("val_dice", "s--"), ("val_input_iou", "^:")):
         xs = [r["epoch"] for r in ep if key in r]
         b.plot(xs, [r[key] for r in ep if key in r], style, label=key)
     b.set_xlabel("epoch"), b.set_ylabel("score"), b.set_ylim(0, 1), b.legend(), b.grid(alpha=0.3)

@@ -41,3 +41,23 @@ def test_course_split_names_a_wrong_folder(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "train.csv not found" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_compare_runs_tables_the_epochs_and_plots(tmp_path):
+    import json
+
+    for name, scores in {"a": [0.5, 0.91, 0.93], "b": [0.6, 0.88, 0.95]}.items():
+        (tmp_path / name).mkdir()
+        rows = [{"event": "epoch", "epoch": e + 1, "val_iou": v, "val_input_iou": v - 0.01} for e, v in enumerate(scores)]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run = subprocess.run([sys.executable, "launch/compare_runs.py", str(tmp_path / "a"), str(tmp_path / "b"),
+                          "--ref", "course:1=0.7,3=0.9", "--out", str(tmp_path / "c.png")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "| 2 | 0.9100 (0.9000) | 0.8800 (0.8700) |" in run.stdout
+    assert "- a: final 0.9300 (epoch 3), best 0.9300 (epoch 3), first >= 0.9 at epoch 2" in run.stdout
+    assert "- mean of 2: final 0.9400 (min 0.9300, max 0.9500" in run.stdout
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    bad = subprocess.run([sys.executable, "launch/compare_runs.py", str(tmp_path / "missing")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "metrics.jsonl not found" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,128 @@
+"""Per-epoch scores of several runs side by side: a Markdown table, a summary and one plot.
+
+    python launch/compare_runs.py runs/hs-s1 runs/hs-s2 runs/hs-s3 --out docs/img/human_seg_seeds.png \\
+        --ref "course:1=0.718,2=0.774,4=0.795,6=0.820,9=0.859,12=0.860,22=0.870,24=0.887,25=0.9015"
+
+Reads each run's ``metrics.jsonl`` (the epoch records ``segdist train`` logs). ``--key`` picks the
+score (default ``val_iou``: full resolution when the run had ``train.eval_full_res``); ``--also``
+adds a second one to the table (default ``val_input_iou``, the network-input score).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+from segdist.errors import UserError
+
+
+def epochs(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path} not found; pass run folders (runs/<name>) that segdist train wrote")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("event") == "epoch"]
+
+
+def parse_ref(spec: str) -> tuple[str, dict[int, float]]:
+    label, _, points = spec.partition(":")
+    try:
+        return label, {int(e): float(v) for e, v in (p.split("=") for p in points.split(","))}
+    except ValueError:
+        raise UserError(f"--ref {spec!r}: expected 'label:EPOCH=SCORE,EPOCH=SCORE,...'") from None
+
+
+def table(runs: dict[str, list[dict]], key: str, also: str | None) -> str:
+    n = max(len(rows) for rows in runs.values())
+    head = "| epoch | " + " | ".join(runs) + " |"
+    lines = [head, "|---" * (len(runs) + 1) + "|"]
+    for i in range(n):
+        cells = []
+        for rows in runs.values():
+            r = rows[i] if i < len(rows) else {}
+            cell = f"{r[key]:.4f}" if key in r else ""
+            if also and also in r:
+                cell += f" ({r[also]:.4f})"
+            cells.append(cell)
+        epoch = next(rows[i]["epoch"] for rows in runs.values() if i < len(rows))
+        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary(runs: dict[str, list[dict]], key: str, threshold: float) -> str:
+    out, finals, bests = [], [], []
+    for name, rows in runs.items():
+        scores = [(r["epoch"], r[key]) for r in rows if key in r]
+        if not scores:
+            continue
+        best = max(scores, key=lambda es: es[1])
+        first = next((e for e, v in scores if v >= threshold), None)
+        finals.append(scores[-1][1])
+        bests.append(best[1])
+        out.append(f"- {name}: final {scores[-1][1]:.4f} (epoch {scores[-1][0]}), best {best[1]:.4f} "
+                   f"(epoch {best[0]}), first >= {threshold:g} at epoch {first if first is not None else 'never'}")
+    if len(finals) > 1:
+        out.append(f"- mean of {len(finals)}: final {statistics.mean(finals):.4f} "
+                   f"(min {min(finals):.4f}, max {max(finals):.4f}, sd {statistics.stdev(finals):.4f}); "
+                   f"best {statistics.mean(bests):.4f}")
+    return "\n".join(out)
+
+
+def plot(runs: dict[str, list[dict]], key: str, also: str | None, refs: list, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (name, rows) in enumerate(runs.items()):
+        colour = f"C{i}"
+        ax.plot([r["epoch"] for r in rows if key in r], [r[key] for r in rows if key in r], "o-", color=colour,
+                label=f"{name} {key}")
+        if also:
+            xs = [r["epoch"] for r in rows if also in r]
+            if xs:
+                ax.plot(xs, [r[also] for r in rows if also in r], ":", color=colour, label=f"{name} {also}")
+    for j, (label, points) in enumerate(refs):
+        ax.plot(list(points), list(points.values()), "k--" if j == 0 else "k-.", marker="x", label=label)
+    lows = [r[key] for rows in runs.values() for r in rows if key in r]
+    ax.set_ylim(max(0.0, min(lows) - 0.02) if lows else 0.0, 1.0)
+    ax.set_xlabel("epoch"), ax.set_ylabel(key), ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<name>)")
+    p.add_argument("--key", default="val_iou")
+    p.add_argument("--also", default="val_input_iou", help="a second score shown in brackets ('' for none)")
+    p.add_argument("--threshold", type=float, default=0.90, help="report the first epoch at or above it")
+    p.add_argument("--ref", action="append", default=[], help="a reference curve 'label:EPOCH=SCORE,...'")
+    p.add_argument("--out", type=Path, help="PNG of the curves")
+    args = p.parse_args(argv)
+    try:
+        runs = {run.name: epochs(run) for run in args.runs}
+        refs = [parse_ref(r) for r in args.ref]
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(runs, args.key, args.also or None))
+    print()
+    print(summary(runs, args.key, args.threshold))
+    if args.out:
+        plot(runs, args.key, args.also or None, refs, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
