@@ -78,7 +78,7 @@ def _cmd_eval(args) -> int:
     if args.full_res:
         if args.mode == "sliding":
             raise UserError("--full-res scores the resized full image; for windows use --mode sliding without it")
-        from .infer import evaluate_full_res
+        from .evaluate import evaluate_full_res
 
         evaluate_full_res(args.ckpt, args.shards, split=args.split, batch_size=args.batch_size,
                           num_workers=args.num_workers, as_json=args.json, overlap=args.overlap, blend=args.blend,
@@ -92,7 +92,7 @@ def _cmd_eval(args) -> int:
         evaluate_checkpoint(args.ckpt, args.shards, split=args.split, batch_size=args.batch_size,
                             num_workers=args.num_workers, as_json=args.json)
         return 0
-    from .infer import evaluate_native
+    from .evaluate import evaluate_native
 
     evaluate_native(args.ckpt, args.shards, split=args.split, mode=args.mode, batch_size=args.batch_size,
                     num_workers=args.num_workers, as_json=args.json, overlap=args.overlap, blend=args.blend,

@@ -5,9 +5,10 @@ each rank adds integer TP/FP/FN/TN counts, one all-reduce sums them, and only th
 computed, so 1 and N processes give identical numbers.
 
 :func:`evaluate_checkpoint` (``segdist eval``, default ``--mode stream``) scores the batched
-network inputs (``data.image_size``); :func:`segdist.infer.evaluate_native` (``--mode resize|sliding``)
-scores at each sample's native resolution, with this module's :func:`eval_session`,
-:func:`val_samples` and :func:`report`.
+network inputs (``data.image_size``); :func:`evaluate_native` (``--mode resize|sliding``) and
+:func:`evaluate_full_res` (``--full-res``, and ``train.eval_full_res`` each epoch through
+:func:`native_metrics`) score at each sample's native resolution, predicting exactly as
+``segdist predict`` does (:class:`segdist.infer.Predictor`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch
 from .augment import DeviceAugment
 from .checkpoint import read_meta
 from .config import Config, config_from_dict
-from .decode import as_hw, to_device
+from .decode import as_hw, decode_mask, to_device
 from .distributed import make_accelerator
+from .infer import Options, Predictor, Source, describe, options_for
 from .loader import OneEpoch
 from .losses import create_loss
 from .metrics import SegCounts, logits_to_pred
@@ -166,4 +168,67 @@ def stream_metrics(s: EvalSession, split: str = "val", batch_size: int = 0, num_
                           s.meta["num_classes"], s.meta["binary"], s.meta["class_names"])
     h, w = as_hw(s.cfg.data.image_size)
     metrics["resolution"] = f"the network input {h}x{w} (data.resize {s.cfg.data.resize})"
+    return metrics
+
+
+# ------------------------------------------------------------------------------ native resolution
+def evaluate_native(ckpt: str | Path, shards: str, split: str = "val", mode: str = "sliding", batch_size: int = 0,
+                    num_workers: int = -1, as_json: bool = False, **options) -> dict:
+    """``segdist eval --mode resize|sliding`` (``--full-res`` = ``--mode resize``): exact metrics at each
+    sample's native resolution, see :func:`native_metrics`. ``options``: ``overlap``, ``blend``, ``tta``,
+    ``threshold``. ``batch_size``: windows per batch (0: the checkpoint's validation batch size).
+    """
+    with eval_session(ckpt, shards) as s:
+        opts = options_for(s.meta, mode, **options)
+        metrics = native_metrics(s.model, s.meta, opts, s.cfg, s.shards, s.accelerator, split,
+                                 batch_size or s.cfg.data.val_batch_size or s.cfg.data.batch_size, num_workers)
+        report(split, metrics, s.accelerator, as_json)
+    return metrics
+
+
+def evaluate_full_res(ckpt: str | Path, shards: str, split: str = "val", batch_size: int = 0, num_workers: int = -1,
+                      as_json: bool = False, **options) -> dict:
+    """``segdist eval --full-res``: both resolutions from one session; the headline is full resolution
+    (``--mode resize``: logits resized to each stored mask), the network-input scores ride along
+    under ``"input_res"``, as ``train.eval_full_res`` logs them."""
+    with eval_session(ckpt, shards) as s:
+        at_input = stream_metrics(s, split, batch_size, num_workers)
+        opts = options_for(s.meta, "resize", **options)
+        metrics = native_metrics(s.model, s.meta, opts, s.cfg, s.shards, s.accelerator, split,
+                                 batch_size or s.cfg.data.val_batch_size or s.cfg.data.batch_size, num_workers)
+        metrics["input_res"] = {k: at_input[k] for k in ("iou", "dice", "iou_present", "pixel_acc", "per_class",
+                                                         "resolution", "loss")}
+        if s.accelerator.is_main_process and not as_json:
+            print(format_metrics(split, at_input))
+        report(split, metrics, s.accelerator, as_json)
+        if s.accelerator.is_main_process and not as_json:
+            print(f"headline (full resolution): IoU {metrics['iou']:.4f} (network input: {at_input['iou']:.4f})")
+    return metrics
+
+
+def native_metrics(model, meta: dict, opts: Options, cfg, shards, accelerator, split: str = "val",
+                   batch_size: int = 8, num_workers: int = -1, progress: bool = True) -> dict:
+    """Exact metrics of ``model`` on ``split`` at each sample's stored (native) resolution.
+
+    Each rank predicts its share of ``split`` (the val plan: every sample exactly once across
+    ranks) as ``segdist predict`` does, one image per batch group so its result does not depend
+    on the rank layout, counts TP/FP/FN/TN against the native-size mask and joins one reduce.
+    Used by ``segdist eval`` and, with ``train.eval_full_res``, by every evaluation in training.
+    """
+    from tqdm import tqdm
+
+    predictor = Predictor(model, meta, opts, accelerator.device, batch_size, accelerator.autocast)
+    counts = SegCounts(meta["num_classes"], meta["binary"], device=accelerator.device)
+    total, samples = val_samples(cfg, shards, split, accelerator, num_workers)
+    items = ((Source(smp["image.jpg"] if "image.jpg" in smp else smp["image.png"], mask.shape, orient=False), mask)
+             for smp in samples for mask in [decode_mask(smp["mask.png"])])
+    show = progress and accelerator.is_main_process
+    with tqdm(total=total, unit="image", desc="eval", disable=None if show else True, leave=False) as bar:
+        for mask, probs in predictor.run(items, per_image=True):
+            target = torch.from_numpy(mask).to(accelerator.device)
+            counts.update(predictor.labels(probs)[None], target[None])
+            bar.update()
+    counts.reduce(accelerator)  # the one collective: integer counts only
+    metrics = counts.compute(meta["class_names"])
+    metrics["resolution"] = f"native ({describe(opts)})"
     return metrics

@@ -47,10 +47,8 @@ import torch.nn.functional as F
 from .atomic import atomic_write_bytes
 from .augment import normalize
 from .checkpoint import read_meta
-from .decode import RESIZE_MODES, as_hw, decode_mask, decode_rgb, resize_to, scaled_size
+from .decode import RESIZE_MODES, as_hw, decode_rgb, resize_to, scaled_size
 from .errors import UserError
-from .evaluate import eval_session, format_metrics, report, stream_metrics, val_samples
-from .metrics import SegCounts
 from .models import load_model
 from .shards import IMAGE_EXTS, open_shards
 from .stream import read_samples
@@ -611,63 +609,3 @@ def predict_paths(ckpt: str | Path, inputs, out: str | Path, device: str = "auto
 
 
 # ----------------------------------------------------------------------------- full-resolution evaluation
-def evaluate_native(ckpt: str | Path, shards: str, split: str = "val", mode: str = "sliding", batch_size: int = 0,
-                    num_workers: int = -1, as_json: bool = False, **options) -> dict:
-    """``segdist eval --mode resize|sliding`` (``--full-res`` = ``--mode resize``): exact metrics at each
-    sample's native resolution, see :func:`native_metrics`. ``options``: ``overlap``, ``blend``, ``tta``,
-    ``threshold``. ``batch_size``: windows per batch (0: the checkpoint's validation batch size).
-    """
-    with eval_session(ckpt, shards) as s:
-        opts = options_for(s.meta, mode, **options)
-        metrics = native_metrics(s.model, s.meta, opts, s.cfg, s.shards, s.accelerator, split,
-                                 batch_size or s.cfg.data.val_batch_size or s.cfg.data.batch_size, num_workers)
-        report(split, metrics, s.accelerator, as_json)
-    return metrics
-
-
-def evaluate_full_res(ckpt: str | Path, shards: str, split: str = "val", batch_size: int = 0, num_workers: int = -1,
-                      as_json: bool = False, **options) -> dict:
-    """``segdist eval --full-res``: both resolutions from one session; the headline is full resolution
-    (``--mode resize``: logits resized to each stored mask), the network-input scores ride along
-    under ``"input_res"``, as ``train.eval_full_res`` logs them."""
-    with eval_session(ckpt, shards) as s:
-        at_input = stream_metrics(s, split, batch_size, num_workers)
-        opts = options_for(s.meta, "resize", **options)
-        metrics = native_metrics(s.model, s.meta, opts, s.cfg, s.shards, s.accelerator, split,
-                                 batch_size or s.cfg.data.val_batch_size or s.cfg.data.batch_size, num_workers)
-        metrics["input_res"] = {k: at_input[k] for k in ("iou", "dice", "iou_present", "pixel_acc", "per_class",
-                                                         "resolution", "loss")}
-        if s.accelerator.is_main_process and not as_json:
-            print(format_metrics(split, at_input))
-        report(split, metrics, s.accelerator, as_json)
-        if s.accelerator.is_main_process and not as_json:
-            print(f"headline (full resolution): IoU {metrics['iou']:.4f} (network input: {at_input['iou']:.4f})")
-    return metrics
-
-
-def native_metrics(model, meta: dict, opts: Options, cfg, shards, accelerator, split: str = "val",
-                   batch_size: int = 8, num_workers: int = -1, progress: bool = True) -> dict:
-    """Exact metrics of ``model`` on ``split`` at each sample's stored (native) resolution.
-
-    Each rank predicts its share of ``split`` (the val plan: every sample exactly once across
-    ranks) as ``segdist predict`` does, one image per batch group so its result does not depend
-    on the rank layout, counts TP/FP/FN/TN against the native-size mask and joins one reduce.
-    Used by ``segdist eval`` and, with ``train.eval_full_res``, by every evaluation in training.
-    """
-    from tqdm import tqdm
-
-    predictor = Predictor(model, meta, opts, accelerator.device, batch_size, accelerator.autocast)
-    counts = SegCounts(meta["num_classes"], meta["binary"], device=accelerator.device)
-    total, samples = val_samples(cfg, shards, split, accelerator, num_workers)
-    items = ((Source(smp["image.jpg"] if "image.jpg" in smp else smp["image.png"], mask.shape, orient=False), mask)
-             for smp in samples for mask in [decode_mask(smp["mask.png"])])
-    show = progress and accelerator.is_main_process
-    with tqdm(total=total, unit="image", desc="eval", disable=None if show else True, leave=False) as bar:
-        for mask, probs in predictor.run(items, per_image=True):
-            target = torch.from_numpy(mask).to(accelerator.device)
-            counts.update(predictor.labels(probs)[None], target[None])
-            bar.update()
-    counts.reduce(accelerator)  # the one collective: integer counts only
-    metrics = counts.compute(meta["class_names"])
-    metrics["resolution"] = f"native ({describe(opts)})"
-    return metrics

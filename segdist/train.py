@@ -249,7 +249,8 @@ def evaluate_and_save(t: Trainer, loop: Loop) -> tuple[dict, float]:
 def full_res_metrics(t: Trainer, model, at_input: dict) -> dict:
     """``train.eval_full_res``: the val split scored at each mask's stored resolution (the headline),
     with the network-input scores ``at_input`` kept under ``"input_res"``."""
-    from .infer import native_metrics, options_for
+    from .evaluate import native_metrics
+    from .infer import options_for
 
     cfg = t.cfg
     opts = options_for(t.meta, "resize", tta="" if cfg.train.eval_tta == "none" else cfg.train.eval_tta)

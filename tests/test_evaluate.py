@@ -83,7 +83,7 @@ def counts_of(metrics: dict) -> np.ndarray:
 def test_native_resize_eval_equals_a_hand_count(mixed_ckpt, photo_shards, capsys):
     """Each val image squashed to 64 px by hand, logits resized back to its native size, counted with numpy."""
     from segdist.checkpoint import read_meta
-    from segdist.infer import evaluate_native
+    from segdist.evaluate import evaluate_native
     from segdist.models import load_model
 
     meta, model = read_meta(mixed_ckpt), load_model(mixed_ckpt)
@@ -110,7 +110,7 @@ def test_native_resize_eval_equals_a_hand_count(mixed_ckpt, photo_shards, capsys
 
 def test_native_sliding_eval_counts_what_predict_predicts(mixed_ckpt, photo_shards, capsys):
     import segdist
-    from segdist.infer import evaluate_native
+    from segdist.evaluate import evaluate_native
 
     model = segdist.load(mixed_ckpt, device="cpu", mode="sliding", tta="flip", blend="linear")
     want = np.zeros((2, 3), np.int64)
@@ -161,7 +161,7 @@ def test_training_evaluates_at_full_resolution_each_epoch(photo_shards, tmp_path
     saved model; the network-input score is logged beside it and best/ follows the headline."""
     from segdist.cli import main
     from segdist.config import load_config
-    from segdist.infer import evaluate_full_res
+    from segdist.evaluate import evaluate_full_res
     from segdist.train import run
 
     cfg = load_config(None, [f"data.shards={photo_shards}", "data.image_size=64", "data.batch_size=1",
