@@ -70,33 +70,29 @@ def _eval_parser(sub) -> None:
                    help="samples (stream) or windows (resize/sliding) per batch; 0: the checkpoint's config")
     p.add_argument("--num-workers", type=int, default=-1, help="-1: the checkpoint's config")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", help="also write metrics.json and confusion.png (normalised confusion matrix) here")
     _inference_args(p)
     p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_eval(args) -> int:
+    from . import evaluate as ev
+
+    common = {"split": args.split, "batch_size": args.batch_size, "num_workers": args.num_workers,
+              "as_json": args.json}
+    predict = {"overlap": args.overlap, "blend": args.blend, "tta": args.tta, "threshold": args.threshold}
     if args.full_res:
         if args.mode == "sliding":
             raise UserError("--full-res scores the resized full image; for windows use --mode sliding without it")
-        from .evaluate import evaluate_full_res
-
-        evaluate_full_res(args.ckpt, args.shards, split=args.split, batch_size=args.batch_size,
-                          num_workers=args.num_workers, as_json=args.json, overlap=args.overlap, blend=args.blend,
-                          tta=args.tta, threshold=args.threshold)
-        return 0
-    if args.mode == "stream":
+        metrics = ev.evaluate_full_res(args.ckpt, args.shards, **common, **predict)
+    elif args.mode == "stream":
         if args.tta:
             raise UserError("--tta needs --mode resize or sliding (the stream mode scores the training batches)")
-        from .evaluate import evaluate_checkpoint
-
-        evaluate_checkpoint(args.ckpt, args.shards, split=args.split, batch_size=args.batch_size,
-                            num_workers=args.num_workers, as_json=args.json)
-        return 0
-    from .evaluate import evaluate_native
-
-    evaluate_native(args.ckpt, args.shards, split=args.split, mode=args.mode, batch_size=args.batch_size,
-                    num_workers=args.num_workers, as_json=args.json, overlap=args.overlap, blend=args.blend,
-                    tta=args.tta, threshold=args.threshold)
+        metrics = ev.evaluate_checkpoint(args.ckpt, args.shards, **common)
+    else:
+        metrics = ev.evaluate_native(args.ckpt, args.shards, mode=args.mode, **common, **predict)
+    if args.out and int(os.environ.get("RANK", "0")) == 0:  # one writer under accelerate launch
+        ev.write_outputs(metrics, args.out, f"{args.split}, {args.ckpt}")
     return 0
 
 

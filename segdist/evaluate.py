@@ -17,6 +17,7 @@ import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -148,6 +149,18 @@ def report(split: str, metrics: dict, accelerator, as_json: bool = False) -> Non
     keys = ("iou", "dice", "iou_present", "pixel_acc", "micro_iou", "micro_dice", "per_class", "num_samples", "loss",
             "resolution", "input_res")
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}) if as_json else format_metrics(split, metrics))
+
+
+def write_outputs(metrics: dict, out: str | Path, title: str = "") -> None:
+    """``segdist eval --out DIR``: ``metrics.json`` (everything printed, with the per-class table and the
+    normalised confusion matrix) and ``confusion.png``; each written atomically."""
+    from .atomic import atomic_write_text
+    from .track import plot_confusion
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    plot_confusion(metrics["confusion"], [c["name"] for c in metrics["per_class"]], out / "confusion.png", title)
 
 
 def evaluate_checkpoint(ckpt: str, shards: str, split: str = "val", batch_size: int = 0,

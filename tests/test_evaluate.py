@@ -133,7 +133,7 @@ def test_default_eval_is_still_the_stream_and_says_its_resolution(mixed_ckpt, ph
     assert "--tta needs --mode resize or sliding" in capsys.readouterr().err
 
 
-def test_full_res_reports_both_resolutions_with_full_res_the_headline(mixed_ckpt, photo_shards, capsys):
+def test_full_res_reports_both_resolutions_with_full_res_the_headline(mixed_ckpt, photo_shards, capsys, tmp_path):
     """`--full-res` = the `--mode resize` counts (headline) + the stream scores; pixel accuracy by hand."""
     from segdist.cli import main
 
@@ -153,6 +153,11 @@ def test_full_res_reports_both_resolutions_with_full_res_the_headline(mixed_ckpt
     assert "val at the network input 64x64" in text and "TTA flip" in text and "headline (full resolution): IoU" in text
     assert main(["eval", *args, "--full-res", "--mode", "sliding"]) == 2
     assert "--full-res" in capsys.readouterr().err
+    assert main(["eval", *args, "--full-res", "--out", str(tmp_path / "ev")]) == 0
+    written = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert written["iou"] == full["iou"] and written["input_res"]["iou"] == stream["iou"]
+    assert len(written["confusion"]) == 2 and written["per_class"][1]["name"] == "person"
+    assert (tmp_path / "ev" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow
