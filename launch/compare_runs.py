@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -21,11 +22,27 @@ from segdist.errors import UserError
 
 
 def epochs(run: Path) -> list[dict]:
+    """The run's epoch records in epoch order, the last one logged for each epoch (a resume may
+    log an epoch again); a torn last line (a run still writing) is left out and said."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path} not found; pass run folders (runs/<name>) that segdist train wrote")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("event") == "epoch"]
+    by_epoch, bad = {}, 0
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if r.get("event") == "epoch":
+            by_epoch[r["epoch"]] = r
+    if bad:
+        print(f"{path}: {bad} unreadable line(s) left out", file=sys.stderr)
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def finite(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(r["epoch"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
 
 def parse_ref(spec: str) -> tuple[str, dict[int, float]]:
@@ -37,18 +54,16 @@ def parse_ref(spec: str) -> tuple[str, dict[int, float]]:
 
 
 def table(runs: dict[str, list[dict]], key: str, also: str | None) -> str:
-    n = max(len(rows) for rows in runs.values())
-    head = "| epoch | " + " | ".join(runs) + " |"
-    lines = [head, "|---" * (len(runs) + 1) + "|"]
-    for i in range(n):
+    by_epoch = {name: {r["epoch"]: r for r in rows} for name, rows in runs.items()}
+    lines = ["| epoch | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    for epoch in sorted({e for rows in by_epoch.values() for e in rows}):
         cells = []
-        for rows in runs.values():
-            r = rows[i] if i < len(rows) else {}
+        for rows in by_epoch.values():
+            r = rows.get(epoch, {})
             cell = f"{r[key]:.4f}" if key in r else ""
             if also and also in r:
                 cell += f" ({r[also]:.4f})"
             cells.append(cell)
-        epoch = next(rows[i]["epoch"] for rows in runs.values() if i < len(rows))
         lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -56,7 +71,7 @@ def table(runs: dict[str, list[dict]], key: str, also: str | None) -> str:
 def summary(runs: dict[str, list[dict]], key: str, threshold: float) -> str:
     out, finals, bests = [], [], []
     for name, rows in runs.items():
-        scores = [(r["epoch"], r[key]) for r in rows if key in r]
+        scores = finite(rows, key)
         if not scores:
             continue
         best = max(scores, key=lambda es: es[1])
@@ -81,15 +96,13 @@ def plot(runs: dict[str, list[dict]], key: str, also: str | None, refs: list, ou
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (name, rows) in enumerate(runs.items()):
         colour = f"C{i}"
-        ax.plot([r["epoch"] for r in rows if key in r], [r[key] for r in rows if key in r], "o-", color=colour,
-                label=f"{name} {key}")
-        if also:
-            xs = [r["epoch"] for r in rows if also in r]
-            if xs:
-                ax.plot(xs, [r[also] for r in rows if also in r], ":", color=colour, label=f"{name} {also}")
+        points = finite(rows, key)
+        ax.plot([e for e, _ in points], [v for _, v in points], "o-", color=colour, label=f"{name} {key}")
+        if also and (points := finite(rows, also)):
+            ax.plot([e for e, _ in points], [v for _, v in points], ":", color=colour, label=f"{name} {also}")
     for j, (label, points) in enumerate(refs):
         ax.plot(list(points), list(points.values()), "k--" if j == 0 else "k-.", marker="x", label=label)
-    lows = [r[key] for rows in runs.values() for r in rows if key in r]
+    lows = [v for rows in runs.values() for _, v in finite(rows, key)]
     ax.set_ylim(max(0.0, min(lows) - 0.02) if lows else 0.0, 1.0)
     ax.set_xlabel("epoch"), ax.set_ylabel(key), ax.grid(alpha=0.3), ax.legend(fontsize=8)
     fig.tight_layout()
@@ -110,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="PNG of the curves")
     args = p.parse_args(argv)
     try:
-        runs = {run.name: epochs(run) for run in args.runs}
+        names = [run.name for run in args.runs]
+        if len(set(names)) < len(names):  # x/s1 and y/s1: name them by their path instead
+            names = [str(run) for run in args.runs]
+        runs = {name: epochs(run) for name, run in zip(names, args.runs)}
         refs = [parse_ref(r) for r in args.ref]
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -33,6 +33,9 @@ def course_split(dataset: Path, val: int = 58, seed: int = 42) -> list[dict]:
         rows = list(csv.DictReader(f))
     if not rows or not {"images", "masks"} <= set(rows[0]):
         raise UserError(f"{manifest} has no 'images' and 'masks' columns; is this the human-segmentation dataset?")
+    if len(rows) <= val:
+        raise UserError(f"{manifest} lists {len(rows)} rows; the course's split needs more than {val} "
+                        f"(it is the 290-photo human-segmentation dataset)")
     val_rows = set(np.random.RandomState(seed).permutation(len(rows))[:val].tolist())
     return [{"images": str((dataset / r["images"]).resolve()), "masks": str((dataset / r["masks"]).resolve()),
              "split": "val" if i in val_rows else "train"} for i, r in enumerate(rows)]
@@ -45,14 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         rows = course_split(args.dataset)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["images", "masks", "split"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        try:
+            atomic_write_text(args.out, buf.getvalue())
+        except OSError as e:
+            raise UserError(f"cannot write {args.out} ({e.strerror}); pass a CSV file path in a writable folder") from None
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["images", "masks", "split"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(args.out, buf.getvalue())
     n_val = sum(r["split"] == "val" for r in rows)
     print(f"wrote {args.out}: {len(rows) - n_val} train, {n_val} val (the course's split)")
     return 0

@@ -81,6 +81,8 @@ def _cmd_eval(args) -> int:
     common = {"split": args.split, "batch_size": args.batch_size, "num_workers": args.num_workers,
               "as_json": args.json}
     predict = {"overlap": args.overlap, "blend": args.blend, "tta": args.tta, "threshold": args.threshold}
+    if args.out:
+        ev.check_out_dir(args.out)  # before the evaluation, not after it
     if args.full_res:
         if args.mode == "sliding":
             raise UserError("--full-res scores the resized full image; for windows use --mode sliding without it")
@@ -192,16 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .memory import tune_malloc
     from .track import default_wandb_mode
 
-    # Before the first tensor: freed activations stay mapped instead of being faulted in again every
-    # step (1.6x on CPU training, docs/benchmarks.md); forked loader workers inherit it. A user's own
-    # MALLOC_* variables win (segdist/memory.py).
-    tune_malloc()
     default_wandb_mode()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "train":
+        from .memory import tune_malloc
+
+        # Before the first tensor: the step's freed activations stay mapped instead of being faulted
+        # in again every step (2x for the course's loop on CPU, docs/benchmarks.md); forked loader
+        # workers inherit it. The user's own MALLOC_* variables or SEGDIST_MALLOC=default win.
+        tune_malloc()
     try:
         return int(args.func(args) or 0)
     except UserError as e:

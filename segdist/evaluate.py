@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from .checkpoint import read_meta
 from .config import Config, config_from_dict
 from .decode import as_hw, decode_mask, to_device
 from .distributed import make_accelerator
+from .errors import UserError
 from .infer import Options, Predictor, Source, describe, options_for
 from .loader import OneEpoch
 from .losses import create_loss
@@ -35,7 +37,8 @@ from .models import load_model
 from .shards import ShardSet, open_shards
 from .stream import ShardStream, iter_units, read_samples
 
-__all__ = ["eval_session", "evaluate", "evaluate_checkpoint", "report", "val_loader", "val_samples"]
+__all__ = ["check_out_dir", "eval_session", "evaluate", "evaluate_checkpoint", "evaluate_full_res", "evaluate_native",
+           "native_metrics", "report", "stream_metrics", "val_loader", "val_samples", "write_outputs"]
 
 
 @torch.no_grad()
@@ -151,6 +154,17 @@ def report(split: str, metrics: dict, accelerator, as_json: bool = False) -> Non
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}) if as_json else format_metrics(split, metrics))
 
 
+def check_out_dir(out: str | Path) -> None:
+    """``--out DIR`` exists (or is created) and is writable; UserError otherwise."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the folder ({e.strerror}); pass a writable folder") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"--out {out}: the folder is not writable; pass a writable folder")
+
+
 def write_outputs(metrics: dict, out: str | Path, title: str = "") -> None:
     """``segdist eval --out DIR``: ``metrics.json`` (everything printed, with the per-class table and the
     normalised confusion matrix) and ``confusion.png``; each written atomically."""
@@ -203,7 +217,7 @@ def evaluate_full_res(ckpt: str | Path, shards: str, split: str = "val", batch_s
                       as_json: bool = False, **options) -> dict:
     """``segdist eval --full-res``: both resolutions from one session; the headline is full resolution
     (``--mode resize``: logits resized to each stored mask), the network-input scores ride along
-    under ``"input_res"``, as ``train.eval_full_res`` logs them."""
+    under ``"input_res"`` (training's ``train.eval_full_res`` keeps the same, its loss at the top level)."""
     with eval_session(ckpt, shards) as s:
         at_input = stream_metrics(s, split, batch_size, num_workers)
         opts = options_for(s.meta, "resize", **options)

@@ -23,8 +23,8 @@ device by shape.
 ``predict_paths`` (``segdist predict``) reads files, folders, globs and shard folders and writes
 index PNG masks (binary 0/255; palette PNGs when the model has class colours), overlays and
 optionally probabilities; an input that cannot be read is skipped with its reason and the
-summary counts it. ``evaluate_native`` (``segdist eval --mode resize|sliding``) scores the same
-predictions against each val sample's native-size mask, exactly across ranks.
+summary counts it. :mod:`segdist.evaluate` (``segdist eval --mode resize|sliding``, ``--full-res``)
+scores the same predictions against each val sample's native-size mask, exactly across ranks.
 """
 
 from __future__ import annotations
@@ -606,6 +606,3 @@ def predict_paths(ckpt: str | Path, inputs, out: str | Path, device: str = "auto
     if skipped:
         msg += f"; skipped {len(skipped)} unreadable: {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}"
     return msg
-
-
-# ----------------------------------------------------------------------------- full-resolution evaluation

@@ -18,6 +18,8 @@ Freed memory then stays mapped in the process and is reused by the next step wit
 The cost: the process's RSS stays at its peak (it would reach that peak every step anyway).
 Setting the trim threshold also stops glibc's dynamic mmap threshold, as the variable does.
 
+``segdist train`` calls it first thing (``segdist.cli.main``); other commands do not (their
+allocations do not repeat step after step, and a held heap would only grow their RSS).
 The settings hold for this process and for processes it *forks* afterwards (loader workers);
 a process started with exec (``accelerate launch``, spawn) must call it again, or inherit the
 environment variables instead. Where the user has set any ``MALLOC_*_`` tuning variable, it is
@@ -40,8 +42,9 @@ TRIM_THRESHOLD = 2**31 - 1
 ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 """The environment variables with the same effect, for processes started with exec."""
 USER_VARS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
-             "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")
-"""Variables through which a user tunes glibc malloc; when one is set, :func:`tune_malloc` does nothing."""
+             "MALLOC_ARENA_MAX", "GLIBC_TUNABLES", "SEGDIST_MALLOC")
+"""Variables through which a user tunes glibc malloc (``SEGDIST_MALLOC=default``: leave glibc's defaults);
+when one is set, :func:`tune_malloc` does nothing."""
 
 
 def tune_malloc() -> bool:

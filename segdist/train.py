@@ -108,7 +108,7 @@ def run(cfg: Config) -> dict:
                 if loop.epoch % cfg.train.eval_every == 0 or loop.epoch == cfg.train.epochs:
                     metrics, best_iou = evaluate_and_save(t, loop)
                     loop = dataclasses.replace(loop, best_iou=best_iou)
-                    record |= val_record(metrics)
+                    record |= val_record(metrics, t.meta["binary"])
                 t.log.log(record, loop.step)
                 acc.print(summary_line(record))
                 save_state(acc, t.states_dir, loop.step, dataclasses.asdict(loop), cfg.train.keep_last, t.extras)
@@ -457,13 +457,13 @@ class Meter:
                 "img_s": self.samples * world_size / elapsed, "data_wait": self.wait / elapsed, **self.decode}
 
 
-def val_record(metrics: dict) -> dict:
+def val_record(metrics: dict, binary: bool) -> dict:
     """The logged val scores: the headline (full resolution with ``train.eval_full_res``), plus the
     network-input scores as ``val_input_*`` when both were measured."""
     rec = {"val_loss": metrics["loss"], "val_iou": metrics["iou"], "val_dice": metrics["dice"],
            "val_pixel_acc": metrics["pixel_acc"],
            **{f"val_iou/{c['name']}": c["iou"] for c in metrics["per_class"] if c["iou"] is not None}}
-    if len(metrics["per_class"]) > 2:  # multi-class: also the mean over the classes the masks hold
+    if not binary:  # softmax classes: also the mean over the classes the masks hold
         rec["val_iou_present"] = metrics["iou_present"]
     if "input_res" in metrics:
         rec |= {f"val_input_{k}": metrics["input_res"][k] for k in ("iou", "dice", "pixel_acc")}

@@ -158,6 +158,10 @@ def test_full_res_reports_both_resolutions_with_full_res_the_headline(mixed_ckpt
     assert written["iou"] == full["iou"] and written["input_res"]["iou"] == stream["iou"]
     assert len(written["confusion"]) == 2 and written["per_class"][1]["name"] == "person"
     assert (tmp_path / "ev" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "file").write_text("x")
+    assert main(["eval", *args, "--out", str(tmp_path / "file" / "ev")]) == 2  # refused before evaluating
+    err = capsys.readouterr()
+    assert "--out" in err.err and "cannot create" in err.err and "IoU" not in err.out
 
 
 @pytest.mark.slow

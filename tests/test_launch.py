@@ -1,17 +1,52 @@
-"""launch/course_split.py: the course's train/val split of the human-segmentation dataset."""
+"""Launchers: accelerate configs load, the SLURM script parses, the Colab notebook uses real keys;
+launch/course_split.py writes the course's split; launch/compare_runs.py compares runs."""
 
 from __future__ import annotations
 
 import csv
+import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from tests.conftest import HUMAN_SEG, require_dataset
+from segdist.config import load_config
+from tests.conftest import HUMAN_SEG, REPO, require_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+ROOT = REPO
+
+
+@pytest.mark.parametrize("name", ["1gpu", "8gpu", "2x8gpu", "cpu2"])
+def test_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(LAUNCH / "accelerate" / f"{name}.yaml"))
+    assert cfg.num_processes >= 1 and cfg.num_machines >= 1
+
+
+def test_slurm_script_is_valid_bash_sets_ranks_and_requeues_on_pause():
+    from segdist.errors import REQUEUE_EXIT
+
+    text = (LAUNCH / "slurm.sbatch").read_text()
+    subprocess.run(["bash", "-n", str(LAUNCH / "slurm.sbatch")], check=True)
+    for needle in ("RANK=$SLURM_PROCID", "WORLD_SIZE=$SLURM_NTASKS", "LOCAL_RANK=$SLURM_LOCALID", "MASTER_ADDR=",
+                   "train.resume=auto", "--signal=USR1@", f'"$status" -eq {REQUEUE_EXIT}', "scontrol requeue"):
+        assert needle in text, needle
+
+
+def test_colab_notebook_commands_use_valid_config_keys():
+    nb = json.loads((LAUNCH / "colab.ipynb").read_text())
+    src = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    train = re.search(r"!segdist train (.+?)(?:\n(?!\s)|$)", src.replace("\\\n", " "), re.S).group(1)
+    words = shlex.split(train.replace("$SHARDS", "x").replace("$PRECISION", "bf16"))
+    overrides = [w for w in words if "=" in w]
+    assert words[0] == "--config"
+    load_config(REPO / words[1], overrides)  # raises on any unknown key
 
 
 def test_course_split_is_the_courses_permutation_and_builds_shards(tmp_path):
@@ -41,14 +76,17 @@ def test_course_split_names_a_wrong_folder(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "train.csv not found" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "x.csv").exists()
+    root = require_dataset(HUMAN_SEG)
+    run = subprocess.run([sys.executable, "launch/course_split.py", str(root), str(tmp_path)],  # a folder
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "cannot write" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_compare_runs_tables_the_epochs_and_plots(tmp_path):
-    import json
-
     for name, scores in {"a": [0.5, 0.91, 0.93], "b": [0.6, 0.88, 0.95]}.items():
         (tmp_path / name).mkdir()
-        rows = [{"event": "epoch", "epoch": e + 1, "val_iou": v, "val_input_iou": v - 0.01} for e, v in enumerate(scores)]
+        rows = [{"event": "epoch", "epoch": e + 1, "val_iou": v, "val_input_iou": v - 0.01}
+                for e, v in enumerate(scores)]
         (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     run = subprocess.run([sys.executable, "launch/compare_runs.py", str(tmp_path / "a"), str(tmp_path / "b"),
                           "--ref", "course:1=0.7,3=0.9", "--out", str(tmp_path / "c.png")], cwd=ROOT,
@@ -58,6 +96,11 @@ def test_compare_runs_tables_the_epochs_and_plots(tmp_path):
     assert "- a: final 0.9300 (epoch 3), best 0.9300 (epoch 3), first >= 0.9 at epoch 2" in run.stdout
     assert "- mean of 2: final 0.9400 (min 0.9300, max 0.9500" in run.stdout
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    with (tmp_path / "a" / "metrics.jsonl").open("a") as f:  # a resume logs epoch 3 again; a torn last line
+        f.write(json.dumps({"event": "epoch", "epoch": 3, "val_iou": 0.94}) + "\n" + '{"event": "ep')
+    run = subprocess.run([sys.executable, "launch/compare_runs.py", str(tmp_path / "a"), str(tmp_path / "b")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "| 3 | 0.9400 | 0.9500 (0.9400) |" in run.stdout and "1 unreadable" in run.stderr
     bad = subprocess.run([sys.executable, "launch/compare_runs.py", str(tmp_path / "missing")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "metrics.jsonl not found" in bad.stderr and "Traceback" not in bad.stderr
