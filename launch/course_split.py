@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             atomic_write_text(args.out, buf.getvalue())
         except OSError as e:
-            raise UserError(f"cannot write {args.out} ({e.strerror}); pass a CSV file path in a writable folder") from None
+            raise UserError(f"cannot write {args.out} ({e.strerror}); pass a CSV file path in a writable "
+                            f"folder") from None
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

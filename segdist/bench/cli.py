@@ -65,7 +65,8 @@ def add_cli(sub) -> None:
                         f"(default: default)")
     t.add_argument("--precision", choices=("no", "bf16"), default="no", help="segdist's step under bf16 autocast")
     t.add_argument("--channels-last", action="store_true", help="segdist's model and input in channels_last")
-    t.add_argument("--compile", action="store_true", help="segdist's model through torch.compile (compiled on the first step: keep --warmup >= 1)")
+    t.add_argument("--compile", action="store_true",
+                   help="segdist's model through torch.compile (compiled on the first step: keep --warmup >= 1)")
     t.add_argument("--threads", type=int, default=0, help="torch threads in both loops (default 0: one per core)")
     t.set_defaults(func=_cmd_train)
 
