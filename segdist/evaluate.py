@@ -223,14 +223,22 @@ def evaluate_full_res(ckpt: str | Path, shards: str, split: str = "val", batch_s
         opts = options_for(s.meta, "resize", **options)
         metrics = native_metrics(s.model, s.meta, opts, s.cfg, s.shards, s.accelerator, split,
                                  batch_size or s.cfg.data.val_batch_size or s.cfg.data.batch_size, num_workers)
-        metrics["input_res"] = {k: at_input[k] for k in ("iou", "dice", "iou_present", "pixel_acc", "per_class",
-                                                         "resolution", "loss")}
+        metrics = with_input_res(metrics, at_input, "loss")
         if s.accelerator.is_main_process and not as_json:
             print(format_metrics(split, at_input))
         report(split, metrics, s.accelerator, as_json)
         if s.accelerator.is_main_process and not as_json:
             print(f"headline (full resolution): IoU {metrics['iou']:.4f} (network input: {at_input['iou']:.4f})")
     return metrics
+
+
+INPUT_RES_KEYS = ("iou", "dice", "iou_present", "pixel_acc", "per_class", "resolution")
+"""The network-input scores kept beside a full-resolution headline (``--full-res``, ``train.eval_full_res``)."""
+
+
+def with_input_res(full: dict, at_input: dict, *extra: str) -> dict:
+    """``full`` (the headline) with ``at_input``'s :data:`INPUT_RES_KEYS` (+ ``extra``) under ``"input_res"``."""
+    return {**full, "input_res": {k: at_input[k] for k in (*INPUT_RES_KEYS, *extra) if k in at_input}}
 
 
 def native_metrics(model, meta: dict, opts: Options, cfg, shards, accelerator, split: str = "val",

@@ -249,15 +249,14 @@ def evaluate_and_save(t: Trainer, loop: Loop) -> tuple[dict, float]:
 def full_res_metrics(t: Trainer, model, at_input: dict) -> dict:
     """``train.eval_full_res``: the val split scored at each mask's stored resolution (the headline),
     with the network-input scores ``at_input`` kept under ``"input_res"``."""
-    from .evaluate import native_metrics
+    from .evaluate import native_metrics, with_input_res
     from .infer import options_for
 
     cfg = t.cfg
     opts = options_for(t.meta, "resize", tta="" if cfg.train.eval_tta == "none" else cfg.train.eval_tta)
     full = native_metrics(model, t.meta, opts, cfg, t.shards, t.accelerator, "val",
                           cfg.data.val_batch_size or cfg.data.batch_size, progress=False)
-    keep = ("iou", "dice", "iou_present", "pixel_acc", "per_class", "resolution")
-    return {**full, "loss": at_input["loss"], "input_res": {k: at_input[k] for k in keep if k in at_input}}
+    return {**with_input_res(full, at_input), "loss": at_input["loss"]}
 
 
 # ------------------------------------------------------------------------------ set-up
