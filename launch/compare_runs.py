@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 from pathlib import Path
 
 from segdist.errors import UserError
+from segdist.track import save_figure
 
 
 def epochs(run: Path) -> list[dict]:
@@ -106,11 +106,7 @@ def plot(runs: dict[str, list[dict]], key: str, also: str | None, refs: list, ou
     ax.set_ylim(max(0.0, min(lows) - 0.02) if lows else 0.0, 1.0)
     ax.set_xlabel("epoch"), ax.set_ylabel(key), ax.grid(alpha=0.3), ax.legend(fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+    save_figure(fig, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,11 @@ class DataConfig:
     read_timeout: float = 60.0
     """Seconds an http(s) shard read may get no data before it fails (a stalled server is an error, not a hang)."""
 
+    @property
+    def eval_batch_size(self) -> int:
+        """The validation batch size: ``val_batch_size``, or ``batch_size`` when that is 0."""
+        return self.val_batch_size or self.batch_size
+
 
 @dataclass
 class AugmentConfig:

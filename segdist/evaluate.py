@@ -90,7 +90,7 @@ def val_loader(cfg: Config, shards: ShardSet, split: str, accelerator, batch_siz
     """This rank's share of ``split``, every sample once across ranks (last batch may be short)."""
     stream = ShardStream.from_config(*shards.split(split), cfg.data, train=False, rank=accelerator.process_index,
                                      world_size=accelerator.num_processes,
-                                     batch_size=batch_size or cfg.data.val_batch_size, num_workers=num_workers)
+                                     batch_size=batch_size or cfg.data.eval_batch_size, num_workers=num_workers)
     return OneEpoch(stream, 0, 0, prefetch=cfg.data.prefetch)
 
 
@@ -208,7 +208,7 @@ def evaluate_native(ckpt: str | Path, shards: str, split: str = "val", mode: str
     with eval_session(ckpt, shards) as s:
         opts = options_for(s.meta, mode, **options)
         metrics = native_metrics(s.model, s.meta, opts, s.cfg, s.shards, s.accelerator, split,
-                                 batch_size or s.cfg.data.val_batch_size or s.cfg.data.batch_size, num_workers)
+                                 batch_size or s.cfg.data.eval_batch_size, num_workers)
         report(split, metrics, s.accelerator, as_json)
     return metrics
 
@@ -222,7 +222,7 @@ def evaluate_full_res(ckpt: str | Path, shards: str, split: str = "val", batch_s
         at_input = stream_metrics(s, split, batch_size, num_workers)
         opts = options_for(s.meta, "resize", **options)
         metrics = native_metrics(s.model, s.meta, opts, s.cfg, s.shards, s.accelerator, split,
-                                 batch_size or s.cfg.data.val_batch_size or s.cfg.data.batch_size, num_workers)
+                                 batch_size or s.cfg.data.eval_batch_size, num_workers)
         metrics = with_input_res(metrics, at_input, "loss")
         if s.accelerator.is_main_process and not as_json:
             print(format_metrics(split, at_input))

@@ -136,6 +136,17 @@ def overlay_grid(images: list[np.ndarray], gts: list[np.ndarray], preds: list[np
     return np.concatenate(rows, 0)
 
 
+def save_figure(fig, out: Path) -> None:
+    """Write a matplotlib figure to ``out`` (PNG) atomically and close it: a reader never sees half a file."""
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
 def plot_curves(metrics_path: Path, out: Path) -> None:
     """``curves.png``: train/val loss and val IoU/Dice per epoch, from ``metrics.jsonl``."""
     import matplotlib
@@ -159,10 +170,7 @@ def plot_curves(metrics_path: Path, out: Path) -> None:
         b.plot(xs, [r[key] for r in ep if key in r], style, label=key)
     b.set_xlabel("epoch"), b.set_ylabel("score"), b.set_ylim(0, 1), b.legend(), b.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+    save_figure(fig, out)
 
 
 def plot_confusion(confusion, class_names: list[str], out: Path, title: str = "") -> None:
@@ -188,8 +196,4 @@ def plot_confusion(confusion, class_names: list[str], out: Path, title: str = ""
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+    save_figure(fig, out)

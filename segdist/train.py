@@ -52,6 +52,7 @@ class Loop:
     batch: int = 0  # batches this rank has consumed in ``epoch``
     step: int = 0  # optimiser steps taken
     best_iou: float = -1.0
+    best_at: str = ""  # how best_iou was scored (see scored_at); "" in states from before it was recorded
     nonfinite: int = 0  # skipped non-finite steps, in all
     nonfinite_run: int = 0  # ... and in a row (the run stops at train.max_nonfinite)
     plan: dict = field(default_factory=dict)  # what the sample order depends on
@@ -107,7 +108,7 @@ def run(cfg: Config) -> dict:
                 loop, record = train_one_epoch(t, loader.epoch(epoch), loop)
                 if loop.epoch % cfg.train.eval_every == 0 or loop.epoch == cfg.train.epochs:
                     metrics, best_iou = evaluate_and_save(t, loop)
-                    loop = dataclasses.replace(loop, best_iou=best_iou)
+                    loop = dataclasses.replace(loop, best_iou=best_iou, best_at=scored_at(cfg))
                     record |= val_record(metrics, t.meta["binary"])
                 t.log.log(record, loop.step)
                 acc.print(summary_line(record))
@@ -255,7 +256,7 @@ def full_res_metrics(t: Trainer, model, at_input: dict) -> dict:
     cfg = t.cfg
     opts = options_for(t.meta, "resize", tta="" if cfg.train.eval_tta == "none" else cfg.train.eval_tta)
     full = native_metrics(model, t.meta, opts, cfg, t.shards, t.accelerator, "val",
-                          cfg.data.val_batch_size or cfg.data.batch_size, progress=False)
+                          cfg.data.eval_batch_size, progress=False)
     return {**with_input_res(full, at_input), "loss": at_input["loss"]}
 
 
@@ -314,7 +315,7 @@ def resume_or_start(t: Trainer) -> Loop:
             if acc.is_main_process:
                 t.log.truncate_after(loop.step)  # drop what the killed run logged after this state
             acc.print(f"resumed from {path}: epoch {loop.epoch}, batch {loop.batch}, step {loop.step}")
-            return elastic(loop, plan, path, acc.print)
+            return elastic(rescored(loop, cfg, acc.print), plan, path, acc.print)
         if cfg.train.resume != "auto":
             raise UserError(failed or f"state {path} is damaged on another process")
         acc.print(f"{failed or f'state {path} is damaged on another process'}; falling back to the previous state")
@@ -323,6 +324,21 @@ def resume_or_start(t: Trainer) -> Loop:
                         f"train.overwrite=true or choose another train.name")
     start_fresh(t.run_dir, acc, cfg.train.overwrite)
     return Loop(plan=plan)
+
+
+def scored_at(cfg: Config) -> str:
+    """Which score picks ``best/``: network-input resolution, or full resolution with its TTA."""
+    return f"full_res+{cfg.train.eval_tta}" if cfg.train.eval_full_res else "input"
+
+
+def rescored(loop: Loop, cfg: Config, say) -> Loop:
+    """A resume that changes how val is scored (``train.eval_full_res``/``eval_tta``) must not compare
+    the new scores with a best from the old ones: the next evaluation replaces ``best/``."""
+    if not loop.best_at or loop.best_at == scored_at(cfg) or loop.best_iou < 0:
+        return loop
+    say(f"best/ was scored {loop.best_at} (IoU {loop.best_iou:.4f}) and this run scores {scored_at(cfg)}; "
+        f"the next evaluation replaces best/ and is compared from there on")
+    return dataclasses.replace(loop, best_iou=-1.0, best_at=scored_at(cfg))
 
 
 def train_stream(t: Trainer, loop: Loop) -> ShardStream:
