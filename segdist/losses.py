@@ -3,7 +3,8 @@
 Every loss takes logits (B, C, H, W) float and a target (B, H, W) int64 with
 ``IGNORE_INDEX`` marking void/padding pixels, which contribute nothing: no value, no gradient,
 and a batch with no valid pixel gives 0, not NaN. No loss reads a tensor back to the host
-(no ``.item()``, no boolean indexing), so none adds a device sync to the training step.
+(no ``.item()``, no boolean indexing), so none adds a device sync to the training step -- except
+Lovász on the CPU, where a read-back costs nothing and sorting only the present classes saves seconds.
 
 Two kinds of term, combined by the registry (``LOSSES``):
 
@@ -14,7 +15,7 @@ Two kinds of term, combined by the registry (``LOSSES``):
   the ratios of the weights matter. For binary (one logit, sigmoid) the weights are the same
   two per-pixel weights ``w[0]`` (background) and ``w[1]`` (foreground): equivalent to BCE's
   ``pos_weight = w[1] / w[0]`` up to that normalisation.
-* **region terms** are computed over the whole batch per class: soft Dice (SMP) and
+* **region terms** are computed over the whole batch per class: soft Dice (SMP's values) and
   Lovász-softmax (Lovász hinge for binary). They average over classes already and take no
   class weights.
 
@@ -206,13 +207,15 @@ class Lovasz(nn.Module):
 
     The same values as SMP's ``LovaszLoss(mode, per_image=False, ignore_index=255)``, but the
     classes are sorted together (as many per sort as fit in ``chunk_elements`` values, to bound
-    memory) and absent classes are masked out instead of skipped, so it never reads back from
-    the device.
+    memory). Which classes are sorted: with ``present_only`` (the default on the CPU) only those
+    present in the target, which takes a read-back -- free on the CPU, where sorting all 59
+    classes of an 8 x 384 x 256 batch took ~10 s a step; otherwise (the default on accelerators)
+    every class, the absent ones masked out, so the step never waits on the device.
     """
 
-    def __init__(self, chunk_elements: int = 1 << 24):
+    def __init__(self, chunk_elements: int = 1 << 24, present_only: bool | None = None):
         super().__init__()
-        self.chunk_elements = chunk_elements
+        self.chunk_elements, self.present_only = chunk_elements, present_only
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         valid = (target != IGNORE_INDEX).flatten()
@@ -223,27 +226,57 @@ class Lovasz(nn.Module):
             errors = F.relu(1.0 - logits.float()[:, 0].flatten() * (2 * fg - 1)) * valid
             return _lovasz_sorted(errors.unsqueeze(1), fg.unsqueeze(1))[0]
         probas = logits.float().softmax(1).movedim(1, -1).reshape(-1, c)  # (P, C)
+        classes = torch.arange(c, device=logits.device)
+        present_only = logits.device.type == "cpu" if self.present_only is None else self.present_only
+        if present_only:
+            counts = torch.zeros(c, device=logits.device).index_add_(0, safe, valid.float())
+            classes = classes[counts > 0]
+            if classes.numel() == 0:
+                return probas.sum() * 0.0
         step = max(1, self.chunk_elements // max(probas.shape[0], 1))
         losses, present = [], []
-        for c0 in range(0, c, step):
-            classes = torch.arange(c0, min(c0 + step, c), device=logits.device)
-            fg = ((safe.unsqueeze(1) == classes) & valid.unsqueeze(1)).float()  # (P, chunk)
-            errors = (fg - probas[:, c0:c0 + step]).abs() * valid.unsqueeze(1)
+        for c0 in range(0, classes.numel(), step):
+            chunk = classes[c0:c0 + step]
+            fg = ((safe.unsqueeze(1) == chunk) & valid.unsqueeze(1)).float()  # (P, chunk)
+            errors = (fg - probas[:, chunk]).abs() * valid.unsqueeze(1)
             losses.append(_lovasz_sorted(errors, fg))
             present.append(fg.sum(0) > 0)
         return _weighted_mean(torch.cat(losses), torch.cat(present).float())
 
 
 class Dice(nn.Module):
-    """SMP's soft Dice (binary or multi-class), with ignore_index support."""
+    """Soft Dice over the batch, ``1 - 2 sum(p y) / sum(p + y)`` per class, averaged over all C classes
+    with classes absent from the valid target counting 0; ignored pixels count nowhere.
+
+    The values of SMP's ``DiceLoss(mode, from_logits=True, ignore_index=255)`` (tests check it).
+    Binary goes through SMP. Multi-class is computed from the true class's probability alone:
+    SMP builds a one-hot (B, C, H*W) target and multiplies it through, which on a 59-class,
+    8 x 384 x 256 batch costs ~0.85 s per CPU step; gathering ``p[y]`` and summing it per class
+    with ``index_add`` gives the same sums in a few passes over the probabilities.
+    """
+
+    eps = 1e-7
+    """SMP's clamp on the denominator."""
 
     def __init__(self, binary: bool):
         super().__init__()
-        self.loss = smp.losses.DiceLoss("binary" if binary else "multiclass", from_logits=True,
-                                        ignore_index=IGNORE_INDEX)
+        self.smp = smp.losses.DiceLoss("binary", from_logits=True, ignore_index=IGNORE_INDEX) if binary else None
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.loss(logits.float(), target)
+        if self.smp is not None:
+            return self.smp(logits.float(), target)
+        c = logits.shape[1]
+        valid = target != IGNORE_INDEX
+        safe = torch.where(valid, target, 0)
+        probs = logits.float().softmax(1)
+        vf = valid.float()
+        p_sum = (probs * vf.unsqueeze(1)).sum((0, 2, 3))  # (C,) sum of p_c over valid pixels
+        p_true = probs.gather(1, safe.unsqueeze(1))[:, 0] * vf  # (B, H, W) p of the true class
+        zeros = torch.zeros(c, dtype=probs.dtype, device=probs.device)
+        inter = zeros.index_add(0, safe.flatten(), p_true.flatten())  # (C,) sum of p_c where y = c
+        count = zeros.index_add(0, safe.flatten(), vf.flatten())  # (C,) valid pixels of class c
+        dice = 2 * inter / (p_sum + count).clamp_min(self.eps)
+        return ((1 - dice) * (count > 0)).mean()
 
 
 class Sum(nn.Module):

@@ -195,6 +195,53 @@ def test_lovasz_gradient_equals_smp_and_chunking_changes_nothing():
     torch.testing.assert_close(grads[1], grads[2], rtol=1e-4, atol=1e-6)
 
 
+def _ref_dice(logits, target) -> float:
+    """1 - 2 sum_i p_ic y_ic / sum_i (p_ic + y_ic) per class over the valid pixels; absent classes 0; mean over C."""
+    pix = _pixels(logits, target)
+    c = logits.shape[1]
+    losses = []
+    for cls in range(c):
+        p = [_p_true(z, cls) for z, _ in pix]
+        g = [int(y == cls) for _, y in pix]
+        if not any(g):
+            losses.append(0.0)
+            continue
+        losses.append(1 - 2 * sum(pi * gi for pi, gi in zip(p, g)) / sum(pi + gi for pi, gi in zip(p, g)))
+    return sum(losses) / c
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_multiclass_dice_equals_the_formula_and_smp_with_its_gradient(seed):
+    logits, target = _batch(6, seed=seed, shape=(2, 7, 9))
+    target[target == 4] = 0  # a class absent from the batch: counts 0 in the mean over all classes
+    x = logits.clone().requires_grad_()
+    got = create_loss(LossConfig(name="dice"), 6)(x, target)
+    assert got.item() == pytest.approx(_ref_dice(logits, target), rel=1e-5)
+    got.backward()
+    ref_x = logits.clone().requires_grad_()
+    ref = smp.losses.DiceLoss("multiclass", from_logits=True, ignore_index=IGNORE_INDEX)(ref_x, target)
+    ref.backward()
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-4, atol=1e-7)
+    ignored = target == IGNORE_INDEX
+    assert ignored.any() and (x.grad.movedim(1, -1)[ignored] == 0).all()
+
+
+def test_lovasz_on_present_classes_only_equals_the_masked_sort():
+    from segdist.losses import Lovasz
+
+    logits, target = _batch(9, seed=7, shape=(2, 8, 10))
+    target[(target == 2) | (target == 5)] = 1  # two classes absent
+    out = []
+    for loss in (Lovasz(present_only=True), Lovasz(present_only=False)):
+        x = logits.clone().requires_grad_()
+        value = loss(x, target)
+        value.backward()
+        out.append((value, x.grad))
+    torch.testing.assert_close(out[0][0], out[1][0])
+    torch.testing.assert_close(out[0][1], out[1][1])
+
+
 def test_sums_weigh_region_and_pixel_terms():
     logits, target = _batch(3, seed=6)
     cfg = LossConfig(name="lovasz_ce", dice_weight=0.3, ce_weight=2.0)
