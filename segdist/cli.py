@@ -193,17 +193,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BATCH_LOOPS = ("train", "eval", "predict", "demo")
+"""Commands that run the network batch after batch (``demo`` trains in-process): they start with
+:func:`segdist.memory.tune_malloc`."""
+
+
 def main(argv: list[str] | None = None) -> int:
     from .track import default_wandb_mode
 
     default_wandb_mode()
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "train":
+    if args.command in BATCH_LOOPS:
         from .memory import tune_malloc
 
-        # Before the first tensor: the step's freed activations stay mapped instead of being faulted
-        # in again every step (2x for the course's loop on CPU, docs/benchmarks.md); forked loader
+        # Before the first tensor: each batch's freed activations stay mapped instead of being faulted
+        # in again every batch (2x for the course's loop on CPU, docs/benchmarks.md); forked loader
         # workers inherit it. The user's own MALLOC_* variables or SEGDIST_MALLOC=default win.
         tune_malloc()
     try:

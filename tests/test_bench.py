@@ -156,9 +156,13 @@ def test_bench_train_json_smoke(capsys):
 
 FAULTS = """
 import resource, sys, torch
-if sys.argv[1] == "cli":
+CLI = {"train": ["train", "--config", "configs/demo.yaml", "train.epochs=typo"],  # each tunes, then fails at once
+       "eval": ["eval", "no-such-run/best", "--shards", "no-such-shards"],
+       "predict": ["predict", "no-such-run/best", "no-such-photos", "--out", "no-such-out"],
+       "demo": ["demo", "--workdir", "no-such-workdir", "train.epochs=typo"]}
+if sys.argv[1] in CLI:
     from segdist.cli import main
-    main(["train", "--config", "configs/demo.yaml", "train.epochs=typo"])  # tunes, then refuses the value
+    assert main(CLI[sys.argv[1]]) == 2
 def touch():
     x = torch.empty(16 * 2**20)  # 64 MiB: above glibc's mmap threshold
     x.fill_(1.0)
@@ -180,10 +184,11 @@ def _thp_always() -> bool:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning is glibc's")
 @pytest.mark.skipif(_thp_always(), reason="transparent huge pages 'always': 2 MiB faults, too few to count on")
-def test_segdist_train_keeps_freed_memory_mapped_so_steps_stop_faulting(tmp_path):
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "demo"])
+def test_batch_loop_commands_keep_freed_memory_mapped_so_steps_stop_faulting(tmp_path, command):
     """Real page faults: 10 x (allocate, touch, free) 64 MiB costs ~160k minor faults on glibc's defaults,
-    next to none once `segdist train` has started (it tunes malloc before anything else); SEGDIST_MALLOC=default
-    opts out."""
+    next to none once `segdist train` (eval, predict, demo) has started (it tunes malloc before anything
+    else); SEGDIST_MALLOC=default opts out."""
     import os
     import subprocess
     import sys
@@ -195,7 +200,7 @@ def test_segdist_train_keeps_freed_memory_mapped_so_steps_stop_faulting(tmp_path
         return int(subprocess.run([sys.executable, "-c", FAULTS, how], env={**env, **extra}, cwd=REPO,
                                   capture_output=True, text=True, check=True, timeout=300).stdout.split()[-1])
 
-    plain, cli, opted_out = faults("plain"), faults("cli"), faults("cli", SEGDIST_MALLOC="default")
+    plain, cli, opted_out = faults("plain"), faults(command), faults(command, SEGDIST_MALLOC="default")
     assert plain > 10 * 16 * 2**20 // 4096 // 2, plain  # every round faults its pages in again
     assert cli < plain / 20, (cli, plain)
     assert opted_out > plain / 2, (opted_out, plain)
