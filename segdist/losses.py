@@ -116,6 +116,12 @@ def _weighted_mean(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (losses * weights).sum() / torch.where(den > 0, den, torch.ones_like(den))
 
 
+def _per_class_sum(labels: torch.Tensor, values: torch.Tensor, c: int) -> torch.Tensor:
+    """(C,) sums of float ``values`` grouped by int64 ``labels`` in [0, C) (any equal shapes); differentiable
+    in ``values``. Ignored pixels must carry a valid label (e.g. 0) and a value of 0."""
+    return torch.zeros(c, dtype=values.dtype, device=values.device).index_add(0, labels.flatten(), values.flatten())
+
+
 def _log_p_true(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(B, H, W) float32 log-probability of each pixel's true class (0 on ignored pixels).
 
@@ -229,8 +235,7 @@ class Lovasz(nn.Module):
         classes = torch.arange(c, device=logits.device)
         present_only = logits.device.type == "cpu" if self.present_only is None else self.present_only
         if present_only:
-            counts = torch.zeros(c, device=logits.device).index_add_(0, safe, valid.float())
-            classes = classes[counts > 0]
+            classes = classes[_per_class_sum(safe, valid.float(), c) > 0]
             if classes.numel() == 0:
                 return probas.sum() * 0.0
         step = max(1, self.chunk_elements // max(probas.shape[0], 1))
@@ -272,9 +277,8 @@ class Dice(nn.Module):
         vf = valid.float()
         p_sum = (probs * vf.unsqueeze(1)).sum((0, 2, 3))  # (C,) sum of p_c over valid pixels
         p_true = probs.gather(1, safe.unsqueeze(1))[:, 0] * vf  # (B, H, W) p of the true class
-        zeros = torch.zeros(c, dtype=probs.dtype, device=probs.device)
-        inter = zeros.index_add(0, safe.flatten(), p_true.flatten())  # (C,) sum of p_c where y = c
-        count = zeros.index_add(0, safe.flatten(), vf.flatten())  # (C,) valid pixels of class c
+        inter = _per_class_sum(safe, p_true, c)  # (C,) sum of p_c where y = c
+        count = _per_class_sum(safe, vf, c)  # (C,) valid pixels of class c
         dice = 2 * inter / (p_sum + count).clamp_min(self.eps)
         return ((1 - dice) * (count > 0)).mean()
 
