@@ -1,5 +1,6 @@
 """Launchers: accelerate configs load, the SLURM script parses, the Colab notebook uses real keys;
-launch/course_split.py writes the course's split; launch/compare_runs.py compares runs."""
+launch/course_split.py writes the course's split; launch/course_reference.py runs the course's script;
+launch/compare_runs.py compares runs."""
 
 from __future__ import annotations
 
@@ -104,3 +105,46 @@ def test_compare_runs_tables_the_epochs_and_plots(tmp_path):
     bad = subprocess.run([sys.executable, "launch/compare_runs.py", str(tmp_path / "missing")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "metrics.jsonl not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _course_reference():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("course_reference", LAUNCH / "course_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_course_reference_iou_counts_are_tp_fp_fn_by_hand():
+    import torch
+
+    logits = torch.tensor([[[[2.0, -1.0], [0.5, -3.0]]], [[[-0.1, 4.0], [0.0, 1.0]]]])  # (2, 1, 2, 2)
+    masks = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]], [[[1.0, 1.0], [0.0, 0.0]]]])
+    # logit > 0 is person: image 1 TP (0,0), FN (0,1), FP (1,0); image 2 FN (0,0), TP (0,1), FP (1,1); 0.0 is not > 0
+    assert _course_reference().iou_counts(logits, masks).tolist() == [2, 2, 2]
+
+
+def test_course_reference_trains_on_the_course_split_and_compare_runs_reads_it(tmp_path):
+    root = require_dataset(HUMAN_SEG)
+    split = tmp_path / "split.csv"
+    subprocess.run([sys.executable, "launch/course_split.py", str(root), str(split)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=120)
+    train_rows, val_rows = _course_reference().read_split(split)
+    assert len(train_rows) == 232 and len(val_rows) == 58 and not set(train_rows) & set(val_rows)
+    cmd = [sys.executable, "launch/course_reference.py", str(split), str(tmp_path / "c1"), "--limit", "8",
+           "--size", "64", "--epochs", "2", "--seed", "1"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in (tmp_path / "c1" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[0]["best_valid_loss"] is True
+    assert all(0.0 <= r["val_input_iou"] <= 1.0 and r["img_s"] > 0 for r in rows)
+    assert rows[1]["best_valid_loss"] == (rows[1]["val_loss"] < rows[0]["val_loss"])
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)  # never appends to a run
+    assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+    table = subprocess.run([sys.executable, "launch/compare_runs.py", str(tmp_path / "c1"), "--key", "val_input_iou",
+                            "--also", ""], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0 and f"| 2 | {rows[1]['val_input_iou']:.4f} |" in table.stdout
+    bad = subprocess.run([sys.executable, "launch/course_reference.py", str(root / "train.csv"), str(tmp_path / "c2")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)  # no split column
+    assert bad.returncode == 2 and "split" in bad.stderr and "Traceback" not in bad.stderr
