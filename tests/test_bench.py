@@ -6,6 +6,7 @@ import json
 import platform
 
 import pytest
+import torch
 
 from segdist.bench import BenchArgs, PeakRss, read_course_csv, run_data_bench, time_epochs, tree_rss
 from segdist.cli import main
@@ -125,13 +126,47 @@ def test_minor_faults_count_pages_first_touched_here_and_in_children():
     del block
 
 
+def _course_worker_start(reset: bool) -> str:
+    """In a process whose default start method is spawn (as `segdist bench train`'s children inherit it): the
+    module of the course DataLoader's worker launcher, after ``users_start_method()`` when ``reset``."""
+    import multiprocessing
+
+    from segdist.bench.common import course_loader, read_course_csv
+    from segdist.bench.train import users_start_method
+
+    multiprocessing.set_start_method("spawn", force=True)
+    if reset:
+        users_start_method()
+    it = iter(course_loader(read_course_csv(HUMAN_SEG / "train.csv", 4), 64, 2, 1))
+    next(it)
+    return type(it._workers[0]._popen).__module__.rsplit(".", 1)[1]
+
+
+def test_bench_train_course_loader_forks_its_workers_as_a_users_script_does():
+    """Measured in a spawned process, the course's DataLoader still starts workers the platform's way (fork on
+    Linux), as in the user's script, not by spawn (a fresh interpreter per worker per epoch)."""
+    import multiprocessing
+
+    from segdist.bench.train import _in_fresh_process
+
+    require_dataset(HUMAN_SEG)
+    default = {"fork": "popen_fork", "spawn": "popen_spawn_posix", "forkserver": "popen_forkserver"}[
+        multiprocessing.get_all_start_methods()[0]]
+    assert _in_fresh_process(_course_worker_start, False) == "popen_spawn_posix"  # the bug this guards against
+    assert _in_fresh_process(_course_worker_start, True) == default
+
+
 def test_bench_train_checks_its_arguments():
     from segdist.bench import TrainArgs, run_train_bench
 
     for args, needle in [(TrainArgs(steps=0), "--steps"), (TrainArgs(size=48), "multiple of 32"),
-                         (TrainArgs(malloc=("jemalloc",)), "--malloc")]:
+                         (TrainArgs(malloc=("jemalloc",)), "--malloc"), (TrainArgs(device="tpu"), "--device"),
+                         (TrainArgs(decode="device"), "needs --device cuda"), (TrainArgs(decode="gpu"), "--decode")]:
         with pytest.raises(UserError, match=needle):
             run_train_bench(args)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device"):
+            run_train_bench(TrainArgs(device="cuda"))
 
 
 @pytest.mark.slow

@@ -68,3 +68,19 @@ def test_two_process_nccl_eval_equals_one_process(tmp_path):
         out.append(json.loads(p.stdout.strip().splitlines()[-1]))
     assert [c["tp"] for c in out[0]["per_class"]] == [c["tp"] for c in out[1]["per_class"]]
     assert out[0]["iou"] == out[1]["iou"]
+
+
+def test_bench_train_on_cuda_with_device_decode(capsys):
+    """`segdist bench train --device cuda --decode device` at 64 px: both loops train on the GPU, the
+    clock covers their queued kernels, and the GPU memory peak is reported."""
+    from segdist.cli import main
+    from tests.conftest import HUMAN_SEG, require_dataset
+
+    source = require_dataset(HUMAN_SEG)
+    assert main(["bench", "train", "--source", str(source), "--limit", "8", "--size", "64", "--batch", "4",
+                 "--steps", "2", "--warmup", "1", "--device", "cuda", "--decode", "device", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["device"], r["decode"]) == ("cuda", "device") and r["gpu"]
+    for loop in ("course", "segdist"):
+        m = r["runs"]["default"][loop]
+        assert m["img_s"] > 0 and m["gpu_peak_mb"] > 0, (loop, m)

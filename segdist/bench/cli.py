@@ -51,7 +51,7 @@ def add_cli(sub) -> None:
                                     "images, and its mean difference from full-size OpenCV decoding.")
     _source_args(k, 2.0, "decode")
     k.set_defaults(func=_cmd_decode)
-    t = bsub.add_parser("train", help="the course's training loop vs segdist's training step (CPU), one run",
+    t = bsub.add_parser("train", help="the course's training loop vs segdist's training step (CPU or GPU), one run",
                         description="Images/s, data-wait, minor page faults and peak RSS of the course's training "
                                     "loop and of segdist's training step, each in a fresh process, under each "
                                     "--malloc setting (see docs/benchmarks.md).")
@@ -68,6 +68,9 @@ def add_cli(sub) -> None:
     t.add_argument("--compile", action="store_true",
                    help="segdist's model through torch.compile (compiled on the first step: keep --warmup >= 1)")
     t.add_argument("--threads", type=int, default=0, help="torch threads in both loops (default 0: one per core)")
+    t.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both loops train (default cpu)")
+    t.add_argument("--decode", choices=("cpu", "device"), default="cpu",
+                   help="segdist's JPEG decode: cpu (loader workers) or device (nvJPEG; needs --device cuda)")
     t.set_defaults(func=_cmd_train)
 
 
@@ -100,6 +103,7 @@ def _cmd_train(args) -> int:
                                        batch=args.batch, workers=args.workers, max_side=args.max_side,
                                        limit=args.limit, steps=args.steps, warmup=args.warmup, malloc=malloc,
                                        precision=args.precision, channels_last=args.channels_last,
-                                       threads=args.threads, compile=args.compile))
+                                       threads=args.threads, compile=args.compile, device=args.device,
+                                       decode=args.decode))
     print(json.dumps(result) if args.json else format_train_table(result))
     return 0

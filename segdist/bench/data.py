@@ -111,10 +111,11 @@ def augment_ms_per_batch(batch: int, size: int, device: torch.device, iters: int
 
 
 @contextlib.contextmanager
-def stream_epochs(urls: list[str], sizes: list[int], args: BenchArgs):
-    """``make_epoch(e)`` over one persistent :class:`Loader`, as ``segdist train`` streams."""
+def stream_epochs(urls: list[str], sizes: list[int], args: BenchArgs, device_decode: bool = False):
+    """``make_epoch(e)`` over one persistent :class:`Loader`, as ``segdist train`` streams; with
+    ``device_decode`` JPEG rows arrive as bytes for :func:`segdist.decode.to_device` (``data.decode=device``)."""
     stream = ShardStream(urls, sizes, batch_size=args.batch, image_size=args.size, train=True,
-                         num_workers=args.workers)
+                         num_workers=args.workers, device_decode=device_decode)
     with Loader(stream, pin_memory=torch.cuda.is_available()) as loader:
         yield loader.epoch
 

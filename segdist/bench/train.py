@@ -1,12 +1,14 @@
 """``segdist bench train``: the course's training loop vs segdist's training step, in one run.
 
 Both loops train the same SMP Unet on ``tu-efficientnet_lite0`` (random init) with Dice + BCE and
-Adam(3e-3) on the CPU, from the same CSV rows at the same size and batch:
+Adam(3e-3) on one device (``--device``: the CPU, or a CUDA GPU), from the same CSV rows at the same size
+and batch:
 
 * **course** -- the course's loop: ``course_loader`` (cv2 + albumentations in DataLoader workers,
-  float batches), ``zero_grad -> forward -> loss -> backward -> step -> loss.item()``.
+  float batches moved to the device as the course does, ``.to(DEVICE)``),
+  ``zero_grad -> forward -> loss -> backward -> step -> loss.item()``.
 * **segdist** -- segdist's step from its public pieces: ``Loader`` over ``ShardStream`` (shards built
-  from the same rows), ``to_device``, ``DeviceAugment``, ``create_model``/``create_loss``/
+  from the same rows; JPEGs decoded on the GPU with ``--decode device``), ``to_device``, ``DeviceAugment``, ``create_model``/``create_loss``/
   ``create_optimizer``, clipping to ``optim.grad_clip``; the course's flips (:data:`COURSE_AUGMENT_KW`).
 
 Each loop runs in a fresh interpreter (spawn) for each glibc malloc setting (:data:`MALLOC_SETTINGS`),
@@ -14,7 +16,9 @@ so allocator settings and heap state never leak from one measurement into the ne
 ``warmup`` untimed steps, ``steps`` are timed: images/s, the share of time spent waiting for a
 batch, minor page faults (the process tree: training process, live and reaped loader workers)
 per second and per step, peak RSS summed over the tree (sampled) and the training process's own
-max RSS. Why page faults: see :mod:`segdist.memory`.
+max RSS; on CUDA also the peak of allocated GPU memory. The clock is read after
+``torch.cuda.synchronize()``, so queued GPU work is inside the timed span. Why page faults: see
+:mod:`segdist.memory`.
 """
 
 from __future__ import annotations
@@ -79,6 +83,10 @@ class TrainArgs(BenchArgs):
     """torch intra-op threads in both loops; 0 = torch's default (one per core)."""
     compile: bool = False
     """segdist's model through ``torch.compile`` (``model.compile``); compiling happens in the warm-up steps."""
+    device: str = "cpu"
+    """Where both loops train: ``cpu`` or ``cuda`` (the current CUDA device)."""
+    decode: str = "cpu"
+    """segdist's JPEG decoding: ``cpu`` (loader workers) or ``device`` (nvJPEG on the GPU, ``data.decode``)."""
 
 
 def _course_stepper(args: TrainArgs, rows: list, urls: list, sizes: list, stack: contextlib.ExitStack):
@@ -86,8 +94,9 @@ def _course_stepper(args: TrainArgs, rows: list, urls: list, sizes: list, stack:
     float batches from ``course_loader`` (a new DataLoader iterator every epoch)."""
     import segmentation_models_pytorch as smp
 
+    device = torch.device(args.device)
     model = smp.Unet(encoder_name="tu-efficientnet_lite0", encoder_weights=None, in_channels=3, classes=1,
-                     activation=None)
+                     activation=None).to(device)
     dice, bce = smp.losses.DiceLoss(mode="binary"), torch.nn.BCEWithLogitsLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     loader = course_loader(rows, args.size, args.batch, args.workers)
@@ -98,6 +107,7 @@ def _course_stepper(args: TrainArgs, rows: list, urls: list, sizes: list, stack:
         t0 = time.perf_counter()
         images, masks = next(batches)
         wait = time.perf_counter() - t0
+        images, masks = images.to(device), masks.to(device)
         optimizer.zero_grad()
         logits = model(images)
         loss = dice(logits, masks) + bce(logits, masks)
@@ -121,15 +131,15 @@ def _segdist_stepper(args: TrainArgs, rows: list, urls: list, sizes: list, stack
     from ..models import create_model
     from ..optim import create_optimizer
 
-    device = torch.device("cpu")
-    model = create_model(ModelConfig(pretrained="none"), 1)
+    device = torch.device(args.device)
+    model = create_model(ModelConfig(pretrained="none"), 1).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if args.compile else model
     optim_cfg = OptimConfig(name="adam", lr=3e-3, weight_decay=0.0)
     optimizer, loss_fn = create_optimizer(optim_cfg, model), create_loss(LossConfig(), 1)
-    aug = DeviceAugment(AugmentConfig(**COURSE_AUGMENT_KW), train=True)
-    make_epoch = stack.enter_context(stream_epochs(urls, sizes, args))
+    aug = DeviceAugment(AugmentConfig(**COURSE_AUGMENT_KW), train=True).to(device)
+    make_epoch = stack.enter_context(stream_epochs(urls, sizes, args, device_decode=args.decode == "device"))
     batches = (b for e in itertools.count() for b in make_epoch(e))
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -168,9 +178,24 @@ MALLOC_SETTINGS = {"default": "no MALLOC_* variables: the course on glibc's defa
 its speedup is the headline (the course loop as users run it vs segdist as shipped)."""
 
 
+def users_start_method() -> str:
+    """Give this process the platform's default multiprocessing start method back, and return it.
+
+    A process started by spawn from a parent that never chose a start method (``segdist bench train``)
+    gets spawn as its default, so the course's DataLoader would spawn fresh interpreters (importing
+    torch, cv2 and albumentations) every epoch, where the user's script forks them (Linux, Python < 3.14).
+    On an H100, where a step takes ~40 ms, that made the course loop wait for data 86 % of the time
+    (2026-11-26); on the CPU the 12 measured steps never crossed an epoch, so the CPU rows were unaffected.
+    """
+    multiprocessing.set_start_method(None, force=True)
+    return multiprocessing.get_start_method()
+
+
 def _measure_loop(loop: str, args: TrainArgs, rows: list, urls: list, sizes: list, malloc: str) -> dict:
     """Run in a fresh process: ``warmup`` steps, then ``steps`` timed ones; rates over the timed ones."""
     from ..memory import tune_malloc
+
+    users_start_method()
 
     # segdist's loop starts as `segdist train` does (cli.main tunes malloc unless the environment
     # already does); the course loop gets it only under the "mallopt" setting.
@@ -178,18 +203,30 @@ def _measure_loop(loop: str, args: TrainArgs, rows: list, urls: list, sizes: lis
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    cuda = args.device == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     with contextlib.ExitStack() as stack:
         step = LOOPS[loop](args, rows, urls, sizes, stack)
         for _ in range(args.warmup):
             step()
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         faults0, own0 = minor_faults()
         wait, t0 = 0.0, time.perf_counter()
         with PeakRss() as rss, OtherCpu() as other:
             for _ in range(args.steps):
                 wait += step()
+            sync()
         seconds = time.perf_counter() - t0
         faults1, own1 = minor_faults()
     import resource
+
+    gpu = {"gpu_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if cuda else {}
 
     return {"img_s": round(args.steps * args.batch / seconds, 3), "s_per_step": round(seconds / args.steps, 4),
             "data_wait": round(wait / seconds, 4),
@@ -197,7 +234,8 @@ def _measure_loop(loop: str, args: TrainArgs, rows: list, urls: list, sizes: lis
             "minflt_per_step": round((faults1 - faults0) / args.steps),
             "peak_rss_mb": round(rss.mb, 1),
             "main_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "background_cpus": round(other.cpus, 2), "mallopt_applied": tuned, "torch_threads": torch.get_num_threads()}
+            "background_cpus": round(other.cpus, 2), "mallopt_applied": tuned, "torch_threads": torch.get_num_threads(),
+            **gpu}
 
 
 @contextlib.contextmanager
@@ -234,7 +272,13 @@ def run_train_bench(args: TrainArgs) -> dict:
               (args.threads >= 0, f"--threads must be >= 0 (got {args.threads})"),
               (args.size % 32 == 0, f"--size must be a multiple of 32 (the encoder downsamples 5 times; got {args.size})"),
               (all(m in MALLOC_SETTINGS for m in args.malloc),
-               f"--malloc takes {', '.join(MALLOC_SETTINGS)} or all (got {', '.join(args.malloc)})")]
+               f"--malloc takes {', '.join(MALLOC_SETTINGS)} or all (got {', '.join(args.malloc)})"),
+              (args.device in ("cpu", "cuda"), f"--device takes cpu or cuda (got {args.device})"),
+              (args.device != "cuda" or torch.cuda.is_available(),
+               "--device cuda: torch sees no CUDA device here; run on a machine with an NVIDIA GPU or use --device cpu"),
+              (args.decode in ("cpu", "device"), f"--decode takes cpu or device (got {args.decode})"),
+              (args.decode == "cpu" or args.device == "cuda",
+               "--decode device decodes JPEGs on the GPU (nvJPEG): it needs --device cuda")]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -255,23 +299,25 @@ def run_train_bench(args: TrainArgs) -> dict:
             "size": args.size, "batch": args.batch, "workers": args.workers, "steps": args.steps,
             "warmup": args.warmup, "precision": args.precision, "channels_last": args.channels_last,
             "threads": args.threads or torch.get_num_threads(), "compile": args.compile,
-            "max_side": args.max_side if not args.shards else None, "samples": sum(sizes), "device": "cpu",
+            "max_side": args.max_side if not args.shards else None, "samples": sum(sizes), "device": args.device,
+            "decode": args.decode, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
             "cpus": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__}
 
 
 def format_train_table(r: dict) -> str:
     lines = [f"segdist bench train: size {r['size']}, batch {r['batch']}, {r['steps']} steps after {r['warmup']} "
              f"warm-up, {r['workers']} workers, segdist precision {r['precision']}"
-             f"{', channels_last' if r['channels_last'] else ''}{', compiled' if r['compile'] else ''}; "
+             f"{', channels_last' if r['channels_last'] else ''}{', compiled' if r['compile'] else ''}"
+             f"{', nvJPEG decode' if r.get('decode') == 'device' else ''}; on {r.get('gpu') or 'the CPU'}; "
              f"{r['cpus']} CPUs ({r['cpu']})",
              f"{'malloc':<8} {'loop':<8} {'img/s':>7} {'x course':>9} {'data-wait':>10} {'faults/s':>10} "
-             f"{'main f/s':>10} {'peak RSS MB':>12}"]
+             f"{'main f/s':>10} {'peak RSS MB':>12}{' GPU peak MB' if r.get('gpu') else ''}"]
     for setting, run in r["runs"].items():
         for loop in LOOPS:
             m = run[loop]
             lines.append(f"{setting:<8} {loop:<8} {m['img_s']:>7.2f} {m['img_s'] / run['course']['img_s']:>8.2f}x "
                          f"{100 * m['data_wait']:>9.1f}% {m['minflt_per_s']:>10} {m['main_minflt_per_s']:>10} "
-                         f"{m['peak_rss_mb']:>12.1f}")
+                         f"{m['peak_rss_mb']:>12.1f}" + (f" {m['gpu_peak_mb']:>11.1f}" if r.get('gpu') else ""))
     busy = max(m["background_cpus"] for run in r["runs"].values() for m in (run["course"], run["segdist"]))
     if busy > 0.1:
         lines.append(f"WARNING: other processes kept {busy:.2f} CPUs busy during a measurement; "

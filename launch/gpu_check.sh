@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmark rows behind docs/benchmarks.md ("GPU"), in one script for a machine with
+# one CUDA GPU and the reference dataset in ../shared/datasets (or $SEGDIST_DATA):
+#   1. the CUDA tests (nvJPEG under queued work, Kornia on the GPU, `bench train --device cuda`);
+#   2. `segdist bench train --device cuda` rows: float32; bf16 + channels_last; + nvJPEG decode;
+#   3. `segdist bench data` (course loader vs stream vs decode limit; Kornia augment ms/batch on the GPU);
+#   4. the human-seg recipe (configs/human_seg.yaml) on the course's split under bf16, channels_last
+#      and nvJPEG decode, seeds 1..$SEEDS;
+#   5. the bf16 + channels_last + torch.compile bench row (last: compiling takes a minute).
+# Usage: bash launch/gpu_check.sh OUT_DIR [SECONDS]. Each step has a time limit, the whole script a budget
+# (default: none); a failing step is logged and the script goes on. OUT_DIR gets log.txt (every step's
+# output), results.jsonl (one line per bench: {"label", "rc", "result"}) and hs-sN.jsonl (per-epoch metrics).
+set -u
+out=${1:?usage: gpu_check.sh OUT_DIR [SECONDS]}
+budget=${2:-1000000}
+py=${PYTHON:-python3}
+data=${SEGDIST_DATA:-../shared/datasets}
+workers=${WORKERS:-8}
+seeds=${SEEDS:-3}
+mkdir -p "$out" runs
+log="$out/log.txt"
+end=$((SECONDS + budget))
+
+# limit_for WANTED: WANTED seconds, or what is left of the budget; prints nothing if under 20 s are left.
+limit_for() { local left=$((end - SECONDS)); ((left < 20)) && return 1; echo $(($1 < left ? $1 : left)); }
+
+step() {  # step LIMIT NAME CMD...: run CMD with a time limit, output appended to log.txt
+    local want=$1 name=$2; shift 2
+    local limit; limit=$(limit_for "$want") || { echo "== $name: skipped (budget spent)" | tee -a "$log"; return; }
+    echo "== $(date -u +%T) $name (limit ${limit}s): $*" | tee -a "$log"
+    timeout "$limit" "$@" >> "$log" 2>&1
+    echo "   rc=$? after $((SECONDS - start_s))s" | tee -a "$log"
+}
+
+bench() {  # bench LIMIT LABEL ARGS...: `segdist bench train --json ARGS`, one line in results.jsonl
+    local want=$1 label=$2; shift 2
+    local limit; limit=$(limit_for "$want") || { echo "== $label: skipped (budget spent)" | tee -a "$log"; return; }
+    echo "== $(date -u +%T) $label (limit ${limit}s): segdist bench $*" | tee -a "$log"
+    timeout "$limit" "$py" -m segdist bench "$@" --json > "$out/.json" 2>> "$log"
+    local rc=$?
+    local result; result=$(cat "$out/.json" 2>/dev/null)
+    printf '{"label": "%s", "rc": %d, "result": %s}\n' "$label" "$rc" "${result:-null}" | tee -a "$out/results.jsonl" >> "$log"
+    rm -f "$out/.json"
+}
+
+start_s=$SECONDS
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$py" -c "import torch, timm, kornia, segmentation_models_pytorch as smp, accelerate, webdataset as w
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__, 'kornia', kornia.__version__,
+      'smp', smp.__version__, 'accelerate', accelerate.__version__, 'webdataset', w.__version__)"
+  nproc; date -u; } 2>&1 | tee -a "$log"
+
+step 200 cuda-tests "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py "tests/test_augment.py" -k cuda
+
+common=(--source "$data/human-segmentation" --device cuda --workers "$workers" --steps 60 --warmup 5)
+bench 120 train-fp32 train "${common[@]}"
+bench 120 train-bf16-cl train "${common[@]}" --precision bf16 --channels-last
+bench 120 train-bf16-cl-nvjpeg train "${common[@]}" --precision bf16 --channels-last --decode device
+bench 90 data data --source "$data/human-segmentation" --workers "$workers" --min-seconds 5
+
+step 60 course-split "$py" launch/course_split.py "$data/human-segmentation" runs/course_split.csv
+[ -f runs/human-seg-course/manifest.json ] ||
+    step 60 shards "$py" -m segdist shards build runs/course_split.csv --out runs/human-seg-course --workers "$workers"
+for s in $(seq 1 "$seeds"); do
+    step 240 "recipe-seed$s" "$py" -m segdist train --config configs/human_seg.yaml train.seed="$s" \
+        train.name="gpu-hs-s$s" train.out_dir=runs train.overwrite=true track.backend=none \
+        train.mixed_precision=bf16 model.channels_last=true data.decode=device data.num_workers="$workers"
+    cp "runs/gpu-hs-s$s/metrics.jsonl" "$out/hs-s$s.jsonl" 2>/dev/null
+done
+bench 240 train-bf16-cl-compile train "${common[@]}" --precision bf16 --channels-last --compile
+echo "== done after $((SECONDS - start_s))s" | tee -a "$log"
