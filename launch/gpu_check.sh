@@ -39,7 +39,8 @@ bench() {  # bench LIMIT LABEL ARGS...: `segdist bench train --json ARGS`, one l
     timeout "$limit" "$py" -m segdist bench "$@" --json > "$out/.json" 2>> "$log"
     local rc=$?
     local result; result=$(cat "$out/.json" 2>/dev/null)
-    printf '{"label": "%s", "rc": %d, "result": %s}\n' "$label" "$rc" "${result:-null}" | tee -a "$out/results.jsonl" >> "$log"
+    printf '{"label": "%s", "rc": %d, "result": %s}\n' "$label" "$rc" "${result:-null}" |
+        tee -a "$out/results.jsonl" >> "$log"
     rm -f "$out/.json"
 }
 

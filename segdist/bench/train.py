@@ -8,8 +8,8 @@ and batch:
   float batches moved to the device as the course does, ``.to(DEVICE)``),
   ``zero_grad -> forward -> loss -> backward -> step -> loss.item()``.
 * **segdist** -- segdist's step from its public pieces: ``Loader`` over ``ShardStream`` (shards built
-  from the same rows; JPEGs decoded on the GPU with ``--decode device``), ``to_device``, ``DeviceAugment``, ``create_model``/``create_loss``/
-  ``create_optimizer``, clipping to ``optim.grad_clip``; the course's flips (:data:`COURSE_AUGMENT_KW`).
+  from the same rows; JPEGs decoded on the GPU with ``--decode device``), ``to_device``, ``DeviceAugment``,
+  ``create_model``/``create_loss``/``create_optimizer``, clipping to ``optim.grad_clip``; the course's flips (:data:`COURSE_AUGMENT_KW`).
 
 Each loop runs in a fresh interpreter (spawn) for each glibc malloc setting (:data:`MALLOC_SETTINGS`),
 so allocator settings and heap state never leak from one measurement into the next. After
@@ -275,7 +275,8 @@ def run_train_bench(args: TrainArgs) -> dict:
                f"--malloc takes {', '.join(MALLOC_SETTINGS)} or all (got {', '.join(args.malloc)})"),
               (args.device in ("cpu", "cuda"), f"--device takes cpu or cuda (got {args.device})"),
               (args.device != "cuda" or torch.cuda.is_available(),
-               "--device cuda: torch sees no CUDA device here; run on a machine with an NVIDIA GPU or use --device cpu"),
+               "--device cuda: torch sees no CUDA device here; run on a machine with an NVIDIA GPU "
+               "or use --device cpu"),
               (args.decode in ("cpu", "device"), f"--decode takes cpu or device (got {args.decode})"),
               (args.decode == "cpu" or args.device == "cuda",
                "--decode device decodes JPEGs on the GPU (nvJPEG): it needs --device cuda")]
