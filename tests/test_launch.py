@@ -40,6 +40,24 @@ def test_slurm_script_is_valid_bash_sets_ranks_and_requeues_on_pause():
         assert needle in text, needle
 
 
+def test_gpu_check_script_runs_its_steps_in_order_within_its_budget(tmp_path):
+    """launch/gpu_check.sh is valid bash, names every step it promises, and with no budget left skips each
+    one (logged, not silently) and still finishes: the budget logic that keeps a lent GPU's call short."""
+    script = LAUNCH / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    p = subprocess.run(["bash", str(script), str(tmp_path / "out"), "0"], cwd=REPO, capture_output=True, text=True,
+                       env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHON": sys.executable,
+                            "SEEDS": "2"}, timeout=120)
+    assert p.returncode == 0, p.stderr
+    log = (tmp_path / "out" / "log.txt").read_text()
+    steps = ["cuda-tests", "train-fp32", "train-bf16-cl", "train-bf16-cl-nvjpeg", "data", "course-split",
+             "recipe-seed1", "recipe-seed2", "train-bf16-cl-compile"]
+    skipped = re.findall(r"^== (\S+): skipped \(budget spent\)$", log, re.M)
+    assert [s for s in skipped if s != "shards"] == steps, log
+    assert log.rstrip().splitlines()[-1].startswith("== done after")
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
 def test_colab_notebook_commands_use_valid_config_keys():
     nb = json.loads((LAUNCH / "colab.ipynb").read_text())
     src = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
