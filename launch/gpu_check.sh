@@ -28,7 +28,7 @@ step() {  # step LIMIT NAME CMD...: run CMD with a time limit, output appended t
     local want=$1 name=$2; shift 2
     local limit; limit=$(limit_for "$want") || { echo "== $name: skipped (budget spent)" | tee -a "$log"; return; }
     echo "== $(date -u +%T) $name (limit ${limit}s): $*" | tee -a "$log"
-    timeout "$limit" "$@" >> "$log" 2>&1
+    timeout -k 30 "$limit" "$@" >> "$log" 2>&1  # -k: `segdist train` finishes its step on SIGTERM
     echo "   rc=$? after $((SECONDS - start_s))s" | tee -a "$log"
 }
 
@@ -36,7 +36,7 @@ bench() {  # bench LIMIT LABEL ARGS...: `segdist bench train --json ARGS`, one l
     local want=$1 label=$2; shift 2
     local limit; limit=$(limit_for "$want") || { echo "== $label: skipped (budget spent)" | tee -a "$log"; return; }
     echo "== $(date -u +%T) $label (limit ${limit}s): segdist bench $*" | tee -a "$log"
-    timeout "$limit" "$py" -m segdist bench "$@" --json > "$out/.json" 2>> "$log"
+    timeout -k 30 "$limit" "$py" -m segdist bench "$@" --json > "$out/.json" 2>> "$log"
     local rc=$?
     local result; result=$(cat "$out/.json" 2>/dev/null)
     printf '{"label": "%s", "rc": %d, "result": %s}\n' "$label" "$rc" "${result:-null}" |
@@ -63,6 +63,7 @@ step 60 course-split "$py" launch/course_split.py "$data/human-segmentation" run
 [ -f runs/human-seg-course/manifest.json ] ||
     step 60 shards "$py" -m segdist shards build runs/course_split.csv --out runs/human-seg-course --workers "$workers"
 for s in $(seq 1 "$seeds"); do
+    rm -f "runs/gpu-hs-s$s/metrics.jsonl"  # an earlier run's metrics must not pass for this one's
     step 240 "recipe-seed$s" "$py" -m segdist train --config configs/human_seg.yaml train.seed="$s" \
         train.name="gpu-hs-s$s" train.out_dir=runs train.overwrite=true track.backend=none \
         train.mixed_precision=bf16 model.channels_last=true data.decode=device data.num_workers="$workers"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -126,34 +128,18 @@ def test_minor_faults_count_pages_first_touched_here_and_in_children():
     del block
 
 
-def _course_worker_start(reset: bool) -> str:
-    """In a process whose default start method is spawn (as `segdist bench train`'s children inherit it): the
-    module of the course DataLoader's worker launcher, after ``users_start_method()`` when ``reset``."""
+def test_bench_train_measures_in_processes_that_start_workers_the_platforms_way():
+    """`segdist bench train` measures each loop in a spawned interpreter; started from a program that never chose
+    a start method (the CLI), such an interpreter defaults to spawn, and the course's DataLoader would then start
+    fresh interpreters every epoch where the user's script forks them. _in_fresh_process restores the default."""
     import multiprocessing
 
-    from segdist.bench.common import course_loader, read_course_csv
-    from segdist.bench.train import users_start_method
-
-    multiprocessing.set_start_method("spawn", force=True)
-    if reset:
-        users_start_method()
-    it = iter(course_loader(read_course_csv(HUMAN_SEG / "train.csv", 4), 64, 2, 1))
-    next(it)
-    return type(it._workers[0]._popen).__module__.rsplit(".", 1)[1]
-
-
-def test_bench_train_course_loader_forks_its_workers_as_a_users_script_does():
-    """Measured in a spawned process, the course's DataLoader still starts workers the platform's way (fork on
-    Linux), as in the user's script, not by spawn (a fresh interpreter per worker per epoch)."""
-    import multiprocessing
-
-    from segdist.bench.train import _in_fresh_process
-
-    require_dataset(HUMAN_SEG)
-    default = {"fork": "popen_fork", "spawn": "popen_spawn_posix", "forkserver": "popen_forkserver"}[
-        multiprocessing.get_all_start_methods()[0]]
-    assert _in_fresh_process(_course_worker_start, False) == "popen_spawn_posix"  # the bug this guards against
-    assert _in_fresh_process(_course_worker_start, True) == default
+    # eval runs in the child (a bound get_start_method would pickle the parent's context along with it)
+    code = ("from segdist.bench.train import _in_fresh_process\nif __name__ == '__main__':\n"
+            "    print(_in_fresh_process(eval, \"__import__('multiprocessing').get_start_method()\"))\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == multiprocessing.get_all_start_methods()[0]  # the platform's default (fork on Linux)
 
 
 def test_bench_train_checks_its_arguments():

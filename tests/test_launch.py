@@ -40,22 +40,48 @@ def test_slurm_script_is_valid_bash_sets_ranks_and_requeues_on_pause():
         assert needle in text, needle
 
 
-def test_gpu_check_script_runs_its_steps_in_order_within_its_budget(tmp_path):
-    """launch/gpu_check.sh is valid bash, names every step it promises, and with no budget left skips each
-    one (logged, not silently) and still finishes: the budget logic that keeps a lent GPU's call short."""
+def _gpu_check(tmp_path, budget: str, python: str) -> tuple[str, Path]:
+    """Run launch/gpu_check.sh in ``tmp_path`` with ``budget`` seconds and ``python``; (log text, output dir)."""
     script = LAUNCH / "gpu_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
-    p = subprocess.run(["bash", str(script), str(tmp_path / "out"), "0"], cwd=REPO, capture_output=True, text=True,
-                       env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHON": sys.executable,
-                            "SEEDS": "2"}, timeout=120)
+    p = subprocess.run(["bash", str(script), "out", budget], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHON": python, "SEEDS": "2"},
+                       timeout=120)
     assert p.returncode == 0, p.stderr
     log = (tmp_path / "out" / "log.txt").read_text()
-    steps = ["cuda-tests", "train-fp32", "train-bf16-cl", "train-bf16-cl-nvjpeg", "data", "course-split",
-             "recipe-seed1", "recipe-seed2", "train-bf16-cl-compile"]
-    skipped = re.findall(r"^== (\S+): skipped \(budget spent\)$", log, re.M)
-    assert [s for s in skipped if s != "shards"] == steps, log
     assert log.rstrip().splitlines()[-1].startswith("== done after")
-    assert not (tmp_path / "out" / "results.jsonl").exists()
+    return log, tmp_path / "out"
+
+
+GPU_CHECK_STEPS = ["cuda-tests", "train-fp32", "train-bf16-cl", "train-bf16-cl-nvjpeg", "data", "course-split",
+                   "shards", "recipe-seed1", "recipe-seed2", "train-bf16-cl-compile"]
+
+
+def test_gpu_check_script_skips_every_step_when_its_budget_is_spent(tmp_path):
+    """With no budget left each step is logged as skipped, in order, and an earlier run's metrics are not passed
+    off as this run's."""
+    stale = tmp_path / "runs" / "gpu-hs-s1" / "metrics.jsonl"
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"epoch": 1}\n')
+    log, out = _gpu_check(tmp_path, "0", sys.executable)
+    assert re.findall(r"^== (\S+): skipped \(budget spent\)$", log, re.M) == GPU_CHECK_STEPS, log
+    assert not (out / "results.jsonl").exists() and not list(out.glob("hs-s*.jsonl"))
+
+
+def test_gpu_check_script_clamps_each_step_to_what_is_left_and_records_each_bench(tmp_path):
+    """A step gets min(its own limit, what is left of the budget); every bench leaves one JSON line, with a null
+    result when the command printed none (here a stand-in python that does nothing and exits 0)."""
+    stub = tmp_path / "python"
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    log, out = _gpu_check(tmp_path, "40", str(stub))
+    limits = dict(re.findall(r"^== \S+ (\S+) \(limit (\d+)s\)", log, re.M))
+    assert list(limits) == GPU_CHECK_STEPS, log
+    assert all(20 <= int(v) <= 40 for v in limits.values()), limits  # every step's own limit is above 40 s
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in lines] == ["train-fp32", "train-bf16-cl", "train-bf16-cl-nvjpeg", "data",
+                                           "train-bf16-cl-compile"]
+    assert all(r["rc"] == 0 and r["result"] is None for r in lines)
 
 
 def test_colab_notebook_commands_use_valid_config_keys():

@@ -8,15 +8,16 @@ and batch:
   float batches moved to the device as the course does, ``.to(DEVICE)``),
   ``zero_grad -> forward -> loss -> backward -> step -> loss.item()``.
 * **segdist** -- segdist's step from its public pieces: ``Loader`` over ``ShardStream`` (shards built
-  from the same rows; JPEGs decoded on the GPU with ``--decode device``), ``to_device``, ``DeviceAugment``,
-  ``create_model``/``create_loss``/``create_optimizer``, clipping to ``optim.grad_clip``; the course's flips (:data:`COURSE_AUGMENT_KW`).
+  from the same rows; JPEGs decoded on the GPU with ``--decode device``), ``to_device``,
+  ``DeviceAugment``, ``create_model``/``create_loss``/``create_optimizer``, clipping to ``optim.grad_clip``;
+  the course's flips (:data:`COURSE_AUGMENT_KW`).
 
 Each loop runs in a fresh interpreter (spawn) for each glibc malloc setting (:data:`MALLOC_SETTINGS`),
 so allocator settings and heap state never leak from one measurement into the next. After
 ``warmup`` untimed steps, ``steps`` are timed: images/s, the share of time spent waiting for a
 batch, minor page faults (the process tree: training process, live and reaped loader workers)
 per second and per step, peak RSS summed over the tree (sampled) and the training process's own
-max RSS; on CUDA also the peak of allocated GPU memory. The clock is read after
+max RSS; on CUDA also the peak of allocated GPU memory during the timed steps. The clock is read after
 ``torch.cuda.synchronize()``, so queued GPU work is inside the timed span. Why page faults: see
 :mod:`segdist.memory`.
 """
@@ -185,7 +186,8 @@ def users_start_method() -> str:
     gets spawn as its default, so the course's DataLoader would spawn fresh interpreters (importing
     torch, cv2 and albumentations) every epoch, where the user's script forks them (Linux, Python < 3.14).
     On an H100, where a step takes ~40 ms, that made the course loop wait for data 86 % of the time
-    (2026-11-26); on the CPU the 12 measured steps never crossed an epoch, so the CPU rows were unaffected.
+    (2026-11-26). The CPU rows in docs/benchmarks.md were unaffected: their 2 warm-up + 10 timed steps
+    never left the first epoch (19 steps of 16 over the 290 photos).
     """
     multiprocessing.set_start_method(None, force=True)
     return multiprocessing.get_start_method()
@@ -194,8 +196,6 @@ def users_start_method() -> str:
 def _measure_loop(loop: str, args: TrainArgs, rows: list, urls: list, sizes: list, malloc: str) -> dict:
     """Run in a fresh process: ``warmup`` steps, then ``steps`` timed ones; rates over the timed ones."""
     from ..memory import tune_malloc
-
-    users_start_method()
 
     # segdist's loop starts as `segdist train` does (cli.main tunes malloc unless the environment
     # already does); the course loop gets it only under the "mallopt" setting.
@@ -257,10 +257,12 @@ def _malloc_env(setting: str):
 
 
 def _in_fresh_process(fn: Callable, *fn_args):
-    """``fn(*fn_args)`` in a new interpreter (spawn), so allocator settings and heap state start clean."""
+    """``fn(*fn_args)`` in a new interpreter (spawn), so allocator settings and heap state start clean; the
+    interpreter starts its own processes the platform's way (:func:`users_start_method`)."""
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn, initializer=users_start_method) as pool:
         return pool.submit(fn, *fn_args).result()
 
 
@@ -270,7 +272,8 @@ def run_train_bench(args: TrainArgs) -> dict:
     checks = [(args.steps >= 1, f"--steps must be >= 1 (got {args.steps})"),
               (args.warmup >= 0, f"--warmup must be >= 0 (got {args.warmup})"),
               (args.threads >= 0, f"--threads must be >= 0 (got {args.threads})"),
-              (args.size % 32 == 0, f"--size must be a multiple of 32 (the encoder downsamples 5 times; got {args.size})"),
+              (args.size % 32 == 0,
+               f"--size must be a multiple of 32 (the encoder downsamples 5 times; got {args.size})"),
               (all(m in MALLOC_SETTINGS for m in args.malloc),
                f"--malloc takes {', '.join(MALLOC_SETTINGS)} or all (got {', '.join(args.malloc)})"),
               (args.device in ("cpu", "cuda"), f"--device takes cpu or cuda (got {args.device})"),
