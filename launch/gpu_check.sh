@@ -24,18 +24,22 @@ end=$((SECONDS + budget))
 # limit_for WANTED: WANTED seconds, or what is left of the budget; prints nothing if under 20 s are left.
 limit_for() { local left=$((end - SECONDS)); ((left < 20)) && return 1; echo $(($1 < left ? $1 : left)); }
 
+# begin WANTED NAME WHAT: log the start of step NAME and set $limit, or log it as skipped and fail.
+begin() {
+    limit=$(limit_for "$1") || { echo "== $2: skipped (budget spent)" | tee -a "$log"; return 1; }
+    echo "== $(date -u +%T) $2 (limit ${limit}s): $3" | tee -a "$log"
+}
+
 step() {  # step LIMIT NAME CMD...: run CMD with a time limit, output appended to log.txt
-    local want=$1 name=$2; shift 2
-    local limit; limit=$(limit_for "$want") || { echo "== $name: skipped (budget spent)" | tee -a "$log"; return; }
-    echo "== $(date -u +%T) $name (limit ${limit}s): $*" | tee -a "$log"
+    local want=$1 name=$2 limit; shift 2
+    begin "$want" "$name" "$*" || return 0
     timeout -k 30 "$limit" "$@" >> "$log" 2>&1  # -k: `segdist train` finishes its step on SIGTERM
     echo "   rc=$? after $((SECONDS - start_s))s" | tee -a "$log"
 }
 
 bench() {  # bench LIMIT LABEL ARGS...: `segdist bench train --json ARGS`, one line in results.jsonl
-    local want=$1 label=$2; shift 2
-    local limit; limit=$(limit_for "$want") || { echo "== $label: skipped (budget spent)" | tee -a "$log"; return; }
-    echo "== $(date -u +%T) $label (limit ${limit}s): segdist bench $*" | tee -a "$log"
+    local want=$1 label=$2 limit; shift 2
+    begin "$want" "$label" "segdist bench $*" || return 0
     timeout -k 30 "$limit" "$py" -m segdist bench "$@" --json > "$out/.json" 2>> "$log"
     local rc=$?
     local result; result=$(cat "$out/.json" 2>/dev/null)

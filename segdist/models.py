@@ -194,8 +194,7 @@ def _lite_package(cfg: ModelConfig, out_channels: int) -> nn.Module:
         raise UserError(f"model.pretrained={cfg.pretrained} holds weights for model.encoder=tu-{timm_name} "
                         f"only, not '{cfg.encoder}'; use pretrained=imagenet, none or a weights file")
     model = _build(cfg, out_channels)
-    full = timm.create_model(timm_name, pretrained=False).state_dict()
-    load_encoder_state(model, map_by_order(lite_package_state(cfg.pretrained), full), cfg.pretrained)
+    load_encoder_state(model, timm_lite_from_package(cfg.pretrained).state_dict(), cfg.pretrained)
     return model
 
 

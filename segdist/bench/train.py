@@ -179,8 +179,8 @@ MALLOC_SETTINGS = {"default": "no MALLOC_* variables: the course on glibc's defa
 its speedup is the headline (the course loop as users run it vs segdist as shipped)."""
 
 
-def users_start_method() -> str:
-    """Give this process the platform's default multiprocessing start method back, and return it.
+def users_start_method() -> None:
+    """Give this process the platform's default multiprocessing start method back.
 
     A process started by spawn from a parent that never chose a start method (``segdist bench train``)
     gets spawn as its default, so the course's DataLoader would spawn fresh interpreters (importing
@@ -190,7 +190,6 @@ def users_start_method() -> str:
     never left the first epoch (19 steps of 16 over the 290 photos).
     """
     multiprocessing.set_start_method(None, force=True)
-    return multiprocessing.get_start_method()
 
 
 def _measure_loop(loop: str, args: TrainArgs, rows: list, urls: list, sizes: list, malloc: str) -> dict:
