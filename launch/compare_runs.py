@@ -11,14 +11,13 @@ adds a second one to the table (default ``val_input_iou``, the network-input sco
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
 from pathlib import Path
 
 from segdist.errors import UserError
-from segdist.track import save_figure
+from segdist.track import read_records, save_figure
 
 
 def epochs(run: Path) -> list[dict]:
@@ -27,15 +26,8 @@ def epochs(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path} not found; pass run folders (runs/<name>) that segdist train wrote")
-    by_epoch, bad = {}, 0
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line) if line.strip() else {}
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if r.get("event") == "epoch":
-            by_epoch[r["epoch"]] = r
+    records, bad = read_records(path)
+    by_epoch = {r["epoch"]: r for r in records if r.get("event") == "epoch"}
     if bad:
         print(f"{path}: {bad} unreadable line(s) left out", file=sys.stderr)
     return [by_epoch[e] for e in sorted(by_epoch)]

@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import UserError
+
 
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
@@ -36,6 +38,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def check_out_dir(out: str | os.PathLike, flag: str = "--out") -> None:
+    """``flag DIR`` exists (or is created) and is writable; UserError otherwise. Called before the work,
+    so a bad folder fails in a second instead of after the whole run."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {out}: cannot create the folder ({e.strerror}); pass a writable folder") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"{flag} {out}: the folder is not writable; pass a writable folder")
+
+
+def check_out_file(out: str | os.PathLike, flag: str) -> None:
+    """``flag FILE`` can be written: not a folder, and its folder exists (or is created) and is writable."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{flag} {out} is a folder; pass a file name, e.g. {out / 'model.onnx'}")
+    check_out_dir(out.parent, flag=f"{flag}'s folder")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -24,6 +24,11 @@ import safetensors.torch
 from .atomic import atomic_dir, atomic_write_text, sha256_file
 from .errors import UserError
 
+class DamagedState(UserError):
+    """A state that cannot be trusted (a file missing, cut, changed or unreadable); ``train.resume=auto``
+    falls back past it, an explicit ``train.resume=PATH`` stops with this message."""
+
+
 STATE_RE = re.compile(r"^step-(\d{8})$")
 LOOP_FILE = "loop.json"
 FILES_FILE = "files.json"
@@ -108,21 +113,33 @@ def damage(path: Path) -> str | None:
     return None
 
 
+def read_loop(path: Path) -> dict:
+    """The training position saved in state ``path`` (``loop.json``); a torn or foreign file is a UserError."""
+    try:
+        loop = json.loads((path / LOOP_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise DamagedState(f"state {path} is damaged: {LOOP_FILE} is unreadable ({e})") from None
+    if not isinstance(loop, dict):
+        raise DamagedState(f"state {path} is damaged: {LOOP_FILE} holds {type(loop).__name__}, not a training position")
+    return loop
+
+
 def load_state(accelerator, path: Path, extras: dict | None = None) -> dict:
     """Load a state saved by :func:`save_state`; a damaged one is a UserError naming the file."""
     reason = damage(path)
     if reason is not None:
-        raise UserError(f"state {path} is damaged: {reason}")
+        raise DamagedState(f"state {path} is damaged: {reason}")
     try:
         accelerator.load_state(str(path))  # torch.load(weights_only=True) inside, safetensors for models
         for name, module in (extras or {}).items():
             module.load_state_dict(safetensors.torch.load_file(str(path / f"{name}.safetensors"),
                                                                device=str(accelerator.device)))
-        return json.loads((path / LOOP_FILE).read_text())
+        return read_loop(path)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 -- a truncated or foreign file; no code runs (weights_only)
-        raise UserError(f"state {path} is damaged: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise DamagedState(f"state {path} is damaged: {type(e).__name__}: {first}") from None
 
 
 def save_model(model, out: Path, meta: dict) -> None:
@@ -137,4 +154,11 @@ def read_meta(ckpt_dir: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"'{ckpt_dir}' is not a segdist model folder (no {META_FILE}); "
                         f"pass runs/<name>/best or runs/<name>/last")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({e}); the model folder is damaged: "
+                        f"pass another one (runs/<name>/best or runs/<name>/last)") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} holds {type(meta).__name__}, not a segdist model description; the folder is damaged")
+    return meta

@@ -77,12 +77,13 @@ def _eval_parser(sub) -> None:
 
 def _cmd_eval(args) -> int:
     from . import evaluate as ev
+    from .atomic import check_out_dir
 
     common = {"split": args.split, "batch_size": args.batch_size, "num_workers": args.num_workers,
               "as_json": args.json}
     predict = {"overlap": args.overlap, "blend": args.blend, "tta": args.tta, "threshold": args.threshold}
     if args.out:
-        ev.check_out_dir(args.out)  # before the evaluation, not after it
+        check_out_dir(args.out)  # before the evaluation, not after it
     if args.full_res:
         if args.mode == "sliding":
             raise UserError("--full-res scores the resized full image; for windows use --mode sliding without it")

@@ -398,6 +398,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise UserError(f"config file '{path}' is not valid YAML: {e}".splitlines()[0]) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"config file '{path}' cannot be read as text ({e}); pass a readable YAML file") from None
         if not isinstance(data, dict):
             raise UserError(f"config file '{path}' must hold a mapping of sections (data:, model:, ...)")
         for sec, body in data.items():

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,6 @@ from .checkpoint import read_meta
 from .config import Config, config_from_dict
 from .decode import as_hw, decode_mask, to_device
 from .distributed import make_accelerator
-from .errors import UserError
 from .infer import Options, Predictor, Source, describe, options_for
 from .loader import OneEpoch
 from .losses import create_loss
@@ -37,7 +35,7 @@ from .models import load_model
 from .shards import ShardSet, open_shards
 from .stream import ShardStream, iter_units, read_samples
 
-__all__ = ["check_out_dir", "eval_session", "evaluate", "evaluate_checkpoint", "evaluate_full_res", "evaluate_native",
+__all__ = ["eval_session", "evaluate", "evaluate_checkpoint", "evaluate_full_res", "evaluate_native",
            "native_metrics", "report", "stream_metrics", "val_loader", "val_samples", "write_outputs"]
 
 
@@ -152,17 +150,6 @@ def report(split: str, metrics: dict, accelerator, as_json: bool = False) -> Non
     keys = ("iou", "dice", "iou_present", "pixel_acc", "micro_iou", "micro_dice", "per_class", "num_samples", "loss",
             "resolution", "input_res")
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}) if as_json else format_metrics(split, metrics))
-
-
-def check_out_dir(out: str | Path) -> None:
-    """``--out DIR`` exists (or is created) and is writable; UserError otherwise."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot create the folder ({e.strerror}); pass a writable folder") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"--out {out}: the folder is not writable; pass a writable folder")
 
 
 def write_outputs(metrics: dict, out: str | Path, title: str = "") -> None:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic import atomic_write_bytes, atomic_write_text
+from .atomic import atomic_write_bytes, atomic_write_text, check_out_file
 from .augment import normalize
 from .checkpoint import read_meta
 from .decode import as_hw
@@ -269,6 +269,7 @@ def export_onnx(ckpt: str | Path, out: str | Path, dynamic: bool = False, opset:
     failed one it is left as it was and a UserError gives the figures. ``ckpt`` is only read.
     """
     onnx, _ = require_onnx()
+    check_out_file(out, "--onnx")  # before the export and its check, not after them
     meta = read_meta(ckpt)
     model = load_model(ckpt)
     pixels, source = check_inputs(meta, shards, images, count)  # a bad --shards fails before the export

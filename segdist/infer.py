@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, check_out_dir
 from .augment import normalize
 from .checkpoint import read_meta
 from .decode import RESIZE_MODES, as_hw, decode_rgb, resize_to, scaled_size
@@ -412,9 +412,21 @@ class Predictor:
 
 
 def pick_device(device: str) -> torch.device:
+    """``auto`` (a GPU if there is one), ``cpu``, ``cuda`` or ``cuda:N``; anything else is a UserError."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device '{device}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device '{device}': segdist runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA GPU; use --device cpu (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return dev
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -571,6 +583,7 @@ def predict_paths(ckpt: str | Path, inputs, out: str | Path, device: str = "auto
 
     if probs is not None:
         _choice("--probs", probs, PROB_FORMATS)
+    check_out_dir(out)  # before the model loads, not at the first mask
     predictor = Predictor.load(ckpt, device, mode, batch_size=batch_size, overlap=overlap, blend=blend, tta=tta,
                                threshold=threshold)
     meta = predictor.meta

@@ -60,6 +60,24 @@ def init_trackers(accelerator, cfg: Config, run_dir: Path) -> None:
     accelerator.init_trackers(cfg.track.project, config=config, init_kwargs=kw)
 
 
+def read_records(path: Path) -> tuple[list[dict], int]:
+    """The records of a ``metrics.jsonl`` and how many lines are not one: a job killed while appending
+    leaves a torn last line, which must not stop a resume or a plot."""
+    records, torn = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            torn += 1
+    return records, torn
+
+
 class RunLog:
     """Appends one JSON line per event to ``metrics.jsonl`` and mirrors scalars to trackers."""
 
@@ -70,7 +88,10 @@ class RunLog:
     def truncate_after(self, step: int) -> None:
         """Keep only records up to ``step`` (a resumed run re-logs what came after its state)."""
         if self.path.is_file():
-            keep = [x for x in self.path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
+            records, torn = read_records(self.path)
+            if torn:
+                self.acc.print(f"{self.path}: dropping {torn} unreadable line(s) (torn by the killed run)")
+            keep = [json.dumps(r) for r in records if r.get("step", 0) <= step]
             atomic_write_bytes(self.path, ("\n".join(keep) + "\n" if keep else "").encode())
 
     def log(self, record: dict, step: int) -> None:
@@ -154,7 +175,7 @@ def plot_curves(metrics_path: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows, _ = read_records(metrics_path)
     ep = [r for r in rows if r.get("event") == "epoch"]
     if not ep:
         return

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import shutil
 import time
@@ -23,7 +22,8 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .augment import DeviceAugment
-from .checkpoint import find_resume, list_states, load_state, save_model, save_state, torn_states
+from .checkpoint import (DamagedState, find_resume, list_states, load_state, read_loop, save_model, save_state,
+                         torn_states)
 from .config import Config, save_config
 from .decode import to_device
 from .distributed import StopSignal, agree, make_accelerator, sync_buffers
@@ -305,10 +305,10 @@ def resume_or_start(t: Trainer) -> Loop:
         acc.print(f"ignoring torn state {torn} (left by a killed job)")
     candidates = find_resume(cfg.train.resume, t.states_dir)
     for path in candidates:
-        elastic(Loop(**json.loads((path / "loop.json").read_text())), plan, path, lambda _: None)  # refuse early
         try:
-            loop, failed = Loop(**load_state(acc, path, t.extras)), ""
-        except UserError as e:
+            elastic(as_loop(read_loop(path), path), plan, path, lambda _: None)  # a changed seed: refused first
+            loop, failed = as_loop(load_state(acc, path, t.extras), path), ""
+        except DamagedState as e:
             loop, failed = None, str(e)
         (any_failed,) = agree(acc, bool(failed))  # every rank falls back together
         if not any_failed:
@@ -375,6 +375,14 @@ def set_train_mode(model, freeze_bn: bool) -> None:
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
+
+
+def as_loop(saved: dict, path: Path) -> Loop:
+    """State ``path``'s saved ``loop.json`` as a :class:`Loop`; other keys mean a foreign or damaged state."""
+    try:
+        return Loop(**saved)
+    except TypeError as e:
+        raise DamagedState(f"state {path} is damaged: loop.json does not hold a training position ({e})") from None
 
 
 def elastic(saved: Loop, plan: dict, path: Path, print_fn) -> Loop:

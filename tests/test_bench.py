@@ -84,7 +84,7 @@ def test_bench_data_json_on_a_subset(capsys):
         assert r[key] > 0, key
     assert r["speedup_vs_course"] == pytest.approx(r["segdist_img_s"] / r["course_img_s"], rel=0.01)
     assert r["fraction_of_decode_limit"] == pytest.approx(r["segdist_img_s"] / r["decode_img_s"], rel=0.01)
-    assert r["rss_shards_10x"] == 10 * r["rss_shards_1x"]
+    assert r["rss_shards_1x"] >= 1 and r["rss_shards_10x"] == 10 * r["rss_shards_1x"]
     assert r["device"] in ("cpu", "cuda")
 
 

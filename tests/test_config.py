@@ -56,6 +56,18 @@ def test_unknown_key_in_yaml_file(tmp_path):
         load_config(f)
 
 
+def test_unreadable_or_binary_config_files_are_user_errors(tmp_path):
+    binary = tmp_path / "model.safetensors.yaml"
+    binary.write_bytes(b"\x80\x81\xfe\xff" * 8)  # not UTF-8: e.g. a weights file passed by mistake
+    with pytest.raises(UserError, match="cannot be read as text"):
+        load_config(binary)
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(UserError, match="is not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
 def test_round_trip_through_saved_yaml(tmp_path):
     cfg = load_config(None, ["optim.lr=0.02", "train.name=x"])
     save_config(cfg, tmp_path / "config.yaml")
@@ -64,7 +76,9 @@ def test_round_trip_through_saved_yaml(tmp_path):
 
 
 def test_shipped_configs_load():
-    for f in sorted((REPO / "configs").glob("*.yaml")):
+    files = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(files) >= 3, files  # demo, human_seg, clothing at least
+    for f in files:
         load_config(f)
 
 

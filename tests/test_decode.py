@@ -22,6 +22,7 @@ def test_device_jpeg_decode_matches_cpu_decode(tmp_path, device, workers):
     kw = dict(batch_size=3, image_size=64, train=False, pin_memory=False, num_workers=workers)
     on_cpu = list(make_loader(urls, sizes, **kw))
     on_dev = list(make_loader(urls, sizes, device_decode=True, **kw))
+    assert len(on_dev) == len(on_cpu) == 2  # 6 samples in batches of 3
     assert all(b["jpeg"] and all(j is not None for j in b["jpeg"]) for b in on_dev)
     for a, b in zip(on_cpu, on_dev):
         ia, ma = to_device(a, device)

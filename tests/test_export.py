@@ -25,8 +25,8 @@ from segdist.export import (
 )
 from tests.conftest import HUMAN_SEG, REPO, require_dataset
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+import onnx  # noqa: E402 -- dev dependencies: a broken install fails here instead of skipping the module
+import onnxruntime as ort  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -141,13 +141,18 @@ def test_cli_errors_are_one_line(ckpt, tmp_path, capsys, monkeypatch):
 
     assert main(["export", str(tmp_path), "--onnx", str(tmp_path / "x.onnx")]) == 2
     assert main(["export", str(ckpt), "--onnx", str(tmp_path / "x.onnx"), "--opset", "5"]) == 2
+    assert main(["export", str(ckpt), "--onnx", str(tmp_path)]) == 2  # a folder: refused before exporting
+    (tmp_path / "file").write_text("")
+    assert main(["export", str(ckpt), "--onnx", str(tmp_path / "file" / "x.onnx")]) == 2
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
     assert main(["export", str(ckpt), "--onnx", str(tmp_path / "x.onnx")]) == 2
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 3 and all(line.startswith("segdist: error: ") for line in lines)
+    assert len(lines) == 5 and all(line.startswith("segdist: error: ") for line in lines)
     assert "not a segdist model folder" in lines[0] and "--opset 5" in lines[1]
-    assert lines[2] == f"segdist: error: {missing_extra_message('onnxruntime')}"
-    assert "pip install 'segdist[export]'" in lines[2] and not (tmp_path / "x.onnx").exists()
+    assert f"--onnx {tmp_path} is a folder; pass a file name" in lines[2]
+    assert "--onnx's folder" in lines[3] and "cannot create the folder" in lines[3]
+    assert lines[4] == f"segdist: error: {missing_extra_message('onnxruntime')}"
+    assert "pip install 'segdist[export]'" in lines[4] and not (tmp_path / "x.onnx").exists()
     with pytest.raises(UserError, match=r"segdist\[export\]"):
         require_onnx()
 
@@ -194,12 +199,9 @@ def test_model_card_documents_the_model_and_its_loading_snippets_work(ckpt, expo
     ort_ns: dict = {}
     exec(blocks[2], ort_ns)  # noqa: S102 -- likewise
     assert ort_ns["logits"].shape == (1, 1, 64, 64) and ort_ns["mask"].shape == (64, 64)
-    import segdist
-
-    if hasattr(segdist, "load"):  # the predictor API lands beside this change
-        segdist_ns: dict = {}
-        exec(blocks[0], segdist_ns)  # noqa: S102 -- likewise
-        assert segdist_ns["mask"].shape == (90, 90)
+    segdist_ns: dict = {}
+    exec(blocks[0], segdist_ns)  # noqa: S102 -- likewise
+    assert segdist_ns["mask"].shape == (90, 90)
 
     write_model_card(folder, meta, None)
     assert "No metrics" in (folder / "README.md").read_text()

@@ -52,6 +52,36 @@ def test_missing_input_and_bad_checkpoint_are_user_errors(ckpt, tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr and "segdist: error:" in p.stderr
 
 
+def test_unusable_out_device_and_damaged_model_folder_are_user_errors(ckpt, tmp_path):
+    import shutil
+
+    photo = tmp_path / "a.png"
+    cv2.imwrite(str(photo), np.zeros((20, 30, 3), np.uint8))
+    (tmp_path / "taken").write_text("a file where the output folder should go")
+    with pytest.raises(UserError, match="--out .*taken: cannot create the folder"):
+        predict_paths(ckpt, photo, tmp_path / "taken", device="cpu")
+    with pytest.raises(UserError, match="--out .*cannot create the folder"):
+        predict_paths(ckpt, photo, tmp_path / "taken" / "sub", device="cpu")
+    with pytest.raises(UserError, match="'gpu' is not a device"):
+        predict_paths(ckpt, photo, tmp_path / "o", device="gpu")
+    with pytest.raises(UserError, match="runs on cpu or cuda"):
+        predict_paths(ckpt, photo, tmp_path / "o", device="meta")
+    bad_gpu = "cuda:99" if torch.cuda.is_available() else "cuda"
+    with pytest.raises(UserError, match="no CUDA GPU|GPU\\(s\\)"):
+        predict_paths(ckpt, photo, tmp_path / "o", device=bad_gpu)
+    torn = tmp_path / "torn"
+    shutil.copytree(ckpt, torn)
+    (torn / "segdist.json").write_text('{"image_size": 64, "me')  # cut short
+    with pytest.raises(UserError, match="segdist.json is unreadable .* the model folder is damaged"):
+        predict_paths(torn, photo, tmp_path / "o", device="cpu")
+    (torn / "segdist.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="holds list, not a segdist model description"):
+        predict_paths(torn, photo, tmp_path / "o", device="cpu")
+    p = subprocess.run([sys.executable, "-m", "segdist.cli", "predict", str(torn), str(photo), "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "the folder is damaged" in p.stderr
+
+
 def test_same_stem_in_subfolders_and_extensions_do_not_overwrite(ckpt, tmp_path):
     src = tmp_path / "in"
     for rel in ("a/x.jpg", "b/x.jpg", "x.jpg", "x.png"):

@@ -205,8 +205,11 @@ def test_crop_modes_give_fixed_nonsquare_batches_random_in_training_and_fixed_in
     first = [b for w in range(1) for b in train.slot_batches(0, w)]
     assert all(img.shape[1:] == (32, 64, 3) and m.shape[1:] == (32, 64) for img, m, _, _ in first)
     again = list(train.slot_batches(0, 0))  # same (seed, epoch): the same crops
+    assert len(first) == len(again) >= 3
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, again))
-    resumed = list(train.slot_batches(0, 0, skip=2))  # skipping samples does not shift the crops
+    resumed = list(train.slot_batches(0, 0, skip=2))  # skipping batches does not shift the crops
+    assert len(resumed) == len(first) - 2
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(first[2:], resumed))
     v1, v2 = list(val.slot_batches(0, 0)), list(val.slot_batches(3, 0))
+    assert len(v1) == len(v2) > 0
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(v1, v2))  # validation: centred, every epoch the same

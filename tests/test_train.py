@@ -273,6 +273,13 @@ def test_damaged_states_are_named_and_resume_auto_falls_back(shards, tmp_path):
     err = run_fails(train_cmd(shards, tmp_path, "d", *args, "train.epochs=4", f"train.resume={newest}"))
     assert "random_states_0.pkl differs from what was saved" in err
 
+    # loop.json is written last and is not in files.json: a torn one is named, and auto falls back past it
+    (newest / "loop.json").write_text('{"epoch": 3, "ba')
+    err = run_fails(train_cmd(shards, tmp_path, "d", *args, "train.epochs=4", f"train.resume={newest}"))
+    assert f"state {newest} is damaged: loop.json is unreadable" in err
+    p = run_ok(train_cmd(shards, tmp_path, "d", *args, "train.epochs=4", "train.resume=auto"))
+    assert f"state {newest} is damaged: loop.json" in p.stdout and "falling back" in p.stdout
+
 
 @pytest.mark.slow
 def test_a_train_process_reads_the_remote_manifest_once(tmp_path):

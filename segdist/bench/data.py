@@ -148,9 +148,9 @@ def run_data_bench(args: BenchArgs) -> dict:
         rss = {}
         if args.rss:
             rss_s = min(3.0, max(args.min_seconds, 0.5))
+            urls10, sizes10 = repeated(urls, sizes, 10)
             rss = {"rss_shards_1x": len(urls), "rss_1x_mb": round(stream_rss(urls, sizes, args, rss_s), 1),
-                   "rss_shards_10x": 10 * len(urls),
-                   "rss_10x_mb": round(stream_rss(*repeated(urls, sizes, 10), args, rss_s), 1)}
+                   "rss_shards_10x": len(urls10), "rss_10x_mb": round(stream_rss(urls10, sizes10, args, rss_s), 1)}
     augment_ms = augment_ms_per_batch(args.batch, args.size, device)
     return {
         "course_img_s": round(course.img_s, 1),
