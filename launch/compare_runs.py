@@ -16,6 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from segdist.atomic import check_out_file
 from segdist.errors import UserError
 from segdist.track import read_records, save_figure
 
@@ -31,6 +32,14 @@ def epochs(run: Path) -> list[dict]:
     if bad:
         print(f"{path}: {bad} unreadable line(s) left out", file=sys.stderr)
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def check_key(runs: dict[str, list[dict]], flag: str, key: str) -> None:
+    """A ``key`` no run logged is a typo (``val_iuo``): name the keys that are there."""
+    present = {k for rows in runs.values() for r in rows for k in r}
+    if key and key not in present:
+        scores = sorted(k for k in present if k.startswith("val_") and "/" not in k)
+        raise UserError(f"{flag} {key}: no run logged it; these runs have {', '.join(scores) or 'no val_* scores'}")
 
 
 def finite(rows: list[dict], key: str) -> list[tuple[int, float]]:
@@ -116,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             names = [str(run) for run in args.runs]
         runs = {name: epochs(run) for name, run in zip(names, args.runs)}
         refs = [parse_ref(r) for r in args.ref]
+        check_key(runs, "--key", args.key)
+        if args.also != p.get_default("also"):  # the default is only shown where a run has it
+            check_key(runs, "--also", args.also)
+        if args.out:
+            check_out_file(args.out, "--out")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -51,6 +51,10 @@ def read_split(csv_path: Path) -> tuple[list[tuple[str, str]], list[tuple[str, s
     if not rows or not {"images", "masks", "split"} <= set(rows[0]):
         raise UserError(f"{csv_path} needs columns images,masks,split (launch/course_split.py writes them)")
     pick = {s: [(r["images"], r["masks"]) for r in rows if r["split"] == s] for s in ("train", "val")}
+    missing = [p for r in pick["train"] + pick["val"] for p in r if not p or not Path(p).is_file()]
+    if missing:
+        raise UserError(f"{csv_path}: {len(missing)} listed file(s) not found, e.g. '{missing[0]}'; "
+                        f"write the CSV with launch/course_split.py (absolute paths)")
     if not pick["train"] or not pick["val"]:
         raise UserError(f"{csv_path} has {len(pick['train'])} train and {len(pick['val'])} val rows; it needs both")
     return pick["train"], pick["val"]
@@ -131,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=0, help="use only the first N train and N val rows (smoke runs)")
     args = p.parse_args(argv)
     try:
+        for ok, message in ((args.seed >= 0, f"--seed must be >= 0 (got {args.seed})"),
+                            (args.batch >= 1, f"--batch must be >= 1 (got {args.batch})"),
+                            (args.epochs >= 1, f"--epochs must be >= 1 (got {args.epochs})"),
+                            (args.size >= 32 and args.size % 32 == 0,
+                             f"--size must be a multiple of 32, the Unet's output stride (got {args.size})")):
+            if not ok:
+                raise UserError(message)
         if (args.out / "metrics.jsonl").exists():
             raise UserError(f"{args.out / 'metrics.jsonl'} exists; pick a new run folder")
         train(args)

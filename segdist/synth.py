@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .atomic import atomic_dir, shared_mode_dir
+from .atomic import atomic_dir, check_out_dir, shared_mode_dir
 from .errors import UserError
 
 JPEG_QUALITY = 92
@@ -40,7 +40,7 @@ def make_synthetic(out: str | os.PathLike, n: int = 240, size: int = 256, classe
     0..K-1 (0 = background, K counts the background). An existing ``out`` is replaced only when it
     is an earlier synthetic dataset (it holds ``synth.json``) or an empty folder.
     """
-    _check_args(out, n, size, classes)
+    _check_args(out, n, size, classes, seed)
     out = Path(out)
     with atomic_dir(out) as tmp:
         shared_mode_dir(tmp)  # a dataset is meant to be shared
@@ -169,7 +169,9 @@ def _write_png_or_jpeg(path: Path, array: np.ndarray) -> None:
     path.write_bytes(buf.tobytes())
 
 
-def _check_args(out, n: int, size: int, classes: int) -> None:
+def _check_args(out, n: int, size: int, classes: int, seed: int = 0) -> None:
+    if seed < 0:
+        raise UserError(f"synth: --seed must be >= 0 (got {seed})")
     if n < 1:
         raise UserError(f"synth: --n must be >= 1 (got {n})")
     if size < 32:
@@ -182,3 +184,4 @@ def _check_args(out, n: int, size: int, classes: int) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / "synth.json").is_file():
         raise UserError(f"synth: {out} is a non-empty folder that is not a synthetic dataset; "
                         "pass an empty or new folder (it would be replaced)")
+    check_out_dir(out.parent, "synth: the output's parent")

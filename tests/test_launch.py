@@ -149,6 +149,13 @@ def test_compare_runs_tables_the_epochs_and_plots(tmp_path):
     bad = subprocess.run([sys.executable, "launch/compare_runs.py", str(tmp_path / "missing")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "metrics.jsonl not found" in bad.stderr and "Traceback" not in bad.stderr
+    for args, message in ((["--key", "val_iuo"], "--key val_iuo: no run logged it; these runs have val_input_iou, "
+                                                  "val_iou"),
+                          (["--out", str(tmp_path)], f"--out {tmp_path} is a folder")):
+        bad = subprocess.run([sys.executable, "launch/compare_runs.py", str(tmp_path / "a"), *args], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        assert "| epoch |" not in bad.stdout  # refused before any output
 
 
 def _course_reference():
@@ -167,6 +174,19 @@ def test_course_reference_iou_counts_are_tp_fp_fn_by_hand():
     masks = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]], [[[1.0, 1.0], [0.0, 0.0]]]])
     # logit > 0 is person: image 1 TP (0,0), FN (0,1), FP (1,0); image 2 FN (0,0), TP (0,1), FP (1,1); 0.0 is not > 0
     assert _course_reference().iou_counts(logits, masks).tolist() == [2, 2, 2]
+
+
+def test_course_reference_refuses_bad_values_and_missing_files_before_training(tmp_path, capsys):
+    main = _course_reference().main
+    split = tmp_path / "split.csv"
+    split.write_text(f"images,masks,split\n{tmp_path / 'a.jpg'},{tmp_path / 'a.png'},train\n"
+                     f"{tmp_path / 'b.jpg'},{tmp_path / 'b.png'},val\n")
+    for args, message in ((["--seed", "-1"], "--seed must be >= 0"), (["--batch", "0"], "--batch must be >= 1"),
+                          (["--size", "300"], "--size must be a multiple of 32"),
+                          ([], "4 listed file(s) not found, e.g. '" + str(tmp_path / "a.jpg"))):
+        assert main([str(split), str(tmp_path / "run"), *args]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_course_reference_trains_on_the_course_split_and_compare_runs_reads_it(tmp_path):

@@ -383,6 +383,9 @@ def test_rgb_colour_masks_with_palette_file(tmp_path):
     np.testing.assert_array_equal(decode(files["mask.png"]), labels)
     assert "image.png" in files  # an unchanged 8-bit RGB PNG keeps its bytes
     assert files["image.png"] == (ds / "images" / "x.png").read_bytes()
+    (tmp_path / "void.json").write_text(json.dumps({"colors": colours, "void": 255}))  # an index, not a colour
+    with pytest.raises(UserError, match="'void' is 255; it must be an \\[r, g, b\\] colour"):
+        shards.build_shards(ds, tmp_path / "out2", palette=tmp_path / "void.json", workers=1, progress=False)
 
 
 def test_max_side_gray_channels_and_shard_size(tmp_path):
@@ -466,6 +469,9 @@ def test_out_folder_safety(tmp_path):
         shards.build_shards(syn / "images", syn, images=syn / "images", masks=syn / "masks", workers=1, progress=False)
     with pytest.raises(UserError, match="val-fraction"):
         shards.build_shards(syn, tmp_path / "o", val_fraction=1.5)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(UserError, match="--out's parent .*afile: cannot create the folder"):
+        shards.build_shards(syn, tmp_path / "afile" / "shards", workers=1, progress=False)
 
 
 def test_cli_flags_are_the_build_options():

@@ -49,6 +49,20 @@ def test_read_manifest_and_shard_lists_over_http_and_local(http_base, small_shar
         shards.shard_urls(small_shards, "test")
     with pytest.raises(UserError, match="cannot fetch"):
         shards.read_manifest(http_base + "nowhere/")
+    with pytest.raises(UserError, match="HTTP Error 404.*; check the URL and the server"):
+        open_shards(http_base + "nothing-{000000..000001}.tar")  # a pattern of shards the server lacks
+
+
+def test_a_folder_without_a_manifest_gets_the_command_that_fixes_it(small_shards, tmp_path):
+    tar = next(small_shards.glob("*.tar"))
+    with pytest.raises(UserError, match=f"pass the shard folder that holds it \\({small_shards}\\), not one shard"):
+        shards.read_manifest(tar)
+    (tmp_path / "ds" / "images").mkdir(parents=True)
+    with pytest.raises(UserError, match=f"looks like a dataset.*--out {tmp_path / 'ds'}-shards"):
+        shards.read_manifest(tmp_path / "ds")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="build shards with `segdist shards build SRC"):
+        shards.read_manifest(tmp_path / "empty")
 
 
 # ----------------------------------------------------------------------------- ShardSet

@@ -78,11 +78,18 @@ def test_colour_alone_does_not_separate_foreground(tmp_path):
 
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"n": 0}, "--n"), ({"size": 16}, "--size"), ({"classes": 0}, "--classes"), ({"classes": 300}, "--classes"),
+    ({"seed": -1}, "--seed"),
 ])
 def test_bad_arguments_raise_user_error(tmp_path, kwargs, fragment):
     with pytest.raises(UserError, match=fragment):
         make_synthetic(tmp_path / "x", **kwargs)
     assert not (tmp_path / "x").exists()
+
+
+def test_an_output_under_a_file_is_a_user_error(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(UserError, match="afile: cannot create the folder"):
+        make_synthetic(tmp_path / "afile" / "data", n=1, size=32)
 
 
 def test_refuses_to_replace_a_foreign_folder_but_replaces_its_own(tmp_path):

@@ -151,10 +151,15 @@ def read_course_csv(csv_path: Path, limit: int = 0) -> list[tuple[str, str]]:
             raise UserError(f"{csv_path} needs 'images' and 'masks' columns (the course's train.csv format); "
                             f"has {reader.fieldnames}")
         root = csv_path.parent
-        rows = [(str(root / r["images"]), str(root / r["masks"])) for r in reader]
+        rows = [(str(root / (r["images"] or "")), str(root / (r["masks"] or ""))) for r in reader]
     rows = rows[:limit] if limit else rows
     if not rows:
         raise UserError(f"{csv_path} lists no samples")
+    # Both loops must read the same images: a row only one of them could read would skew the comparison.
+    missing = [p for row in rows for p in row if not Path(p).is_file()]
+    if missing:
+        raise UserError(f"{csv_path}: {len(missing)} listed file(s) not found, e.g. '{missing[0]}' (paths are "
+                        f"relative to the CSV's folder); fix the CSV or pass --limit to bench its first rows")
     return rows
 
 

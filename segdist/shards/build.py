@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 from .. import IGNORE_INDEX, __version__
-from ..atomic import atomic_dir, sha256_file, shared_mode_dir
+from ..atomic import atomic_dir, check_out_dir, sha256_file, shared_mode_dir
 from ..errors import UserError
 from .discover import Discovery, Pair, _display, _split_rank, assign_splits, discover
 from .labels import Labels, _label_files, decide_labels
@@ -230,7 +230,11 @@ def _build_lock(out: Path):
     out.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + _LOCK_WAIT_S
     while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot create its lock file {lock_path} ({e.strerror}); "
+                            f"pass a folder you can write to") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if _same_file(fd, lock_path):
@@ -338,6 +342,7 @@ def build_shards(src=None, out=None, *, progress: bool = True, **options) -> dic
         raise UserError("--out DIR is required")
     o = BuildOptions(**options)
     out = Path(out)
+    check_out_dir(out.parent, "--out's parent")  # a file in the path or no write access: one message, not OSError
     workers = default_workers() if not o.workers or o.workers < 1 else o.workers
     names, palette_table, palette_names = _label_files(o.classes, o.palette)
     n_colours = len([1 for _, i in palette_table if i != IGNORE_INDEX])

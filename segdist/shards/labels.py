@@ -36,6 +36,9 @@ def read_palette(path) -> tuple[tuple[tuple[int, int], ...], list[str] | None]:
     colours = data.get("colors", data.get("colours")) if isinstance(data, dict) else data
     names = data.get("classes") if isinstance(data, dict) else None
     void = data.get("void") if isinstance(data, dict) else None
+    if void is not None and not isinstance(void, list):
+        raise UserError(f"--palette {path}: 'void' is {void!r}; it must be an [r, g, b] colour or a list of them "
+                        f"(the void class index itself is always 255)")
     voids = [] if void is None else (void if void and isinstance(void[0], list) else [void])
 
     def packed(c) -> int:

@@ -61,7 +61,7 @@ def read_manifest(base) -> dict:
     else:
         path = folder / MANIFEST
         if not path.is_file():
-            raise UserError(f"{folder} has no {MANIFEST}: build it with `segdist shards build SRC --out {folder}`")
+            raise UserError(f"{folder} has no {MANIFEST}: {_no_manifest_hint(Path(folder))}")
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as e:
@@ -163,6 +163,17 @@ def is_stall(e: BaseException) -> bool:
     return isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError)
 
 
+def _no_manifest_hint(folder: Path) -> str:
+    """What to pass instead of a folder that is not a shard folder: a tar, a raw dataset or anything else."""
+    if folder.is_file():
+        return f"pass the shard folder that holds it ({folder.parent}), not one shard"
+    if folder.is_dir() and any(p.suffix.lower() in (".jpg", ".jpeg", ".png", ".csv") or p.is_dir()
+                               for p in folder.iterdir()):
+        return (f"it looks like a dataset, not shards: build them with "
+                f"`segdist shards build {folder} --out {folder}-shards` and pass {folder}-shards")
+    return f"build shards with `segdist shards build SRC --out {folder}`, or pass the folder that holds {MANIFEST}"
+
+
 def _count_samples(url: str, read_timeout: float = 60.0) -> int:
     """Samples in one tar (local path, URL or ``pipe:``): members grouped by key, as WebDataset reads them."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -174,7 +185,9 @@ def _count_samples(url: str, read_timeout: float = 60.0) -> int:
     except Exception as e:  # noqa: BLE001 -- any I/O or tar error is the user's data or URL
         if is_stall(e):
             raise UserError(f"no data from {url} for {read_timeout:g} s; is the server up?") from None
-        raise UserError(f"cannot read shard '{url}': {e}; run `segdist shards verify` on it") from None
+        hint = ("check the URL and the server" if _is_url(url) and not url.startswith("file://")
+                else "run `segdist shards verify` on its folder")
+        raise UserError(f"cannot read shard '{url}': {e}; {hint}") from None
     finally:
         if stream is not None:
             stream.close()
