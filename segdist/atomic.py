@@ -56,7 +56,7 @@ def check_out_file(out: str | os.PathLike, flag: str) -> None:
     """``flag FILE`` can be written: not a folder, and its folder exists (or is created) and is writable."""
     out = Path(out)
     if out.is_dir():
-        raise UserError(f"{flag} {out} is a folder; pass a file name, e.g. {out / 'model.onnx'}")
+        raise UserError(f"{flag} {out} is a folder; pass a file path (it may be inside that folder)")
     check_out_dir(out.parent, flag=f"{flag}'s folder")
 
 

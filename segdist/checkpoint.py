@@ -24,6 +24,7 @@ import safetensors.torch
 from .atomic import atomic_dir, atomic_write_text, sha256_file
 from .errors import UserError
 
+
 class DamagedState(UserError):
     """A state that cannot be trusted (a file missing, cut, changed or unreadable); ``train.resume=auto``
     falls back past it, an explicit ``train.resume=PATH`` stops with this message."""
@@ -114,7 +115,7 @@ def damage(path: Path) -> str | None:
 
 
 def read_loop(path: Path) -> dict:
-    """The training position saved in state ``path`` (``loop.json``); a torn or foreign file is a UserError."""
+    """The training position saved in state ``path`` (``loop.json``); a torn or foreign file is a DamagedState."""
     try:
         loop = json.loads((path / LOOP_FILE).read_text())
     except (OSError, ValueError) as e:
