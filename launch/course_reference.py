@@ -42,15 +42,16 @@ from segdist.errors import UserError
 from segdist.models import LITE0_ENCODER, LITE0_PACKAGE, create_model
 
 
-def read_split(csv_path: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(train rows, val rows) of ``images,masks,split`` CSV (``launch/course_split.py``'s output)."""
+def read_split(csv_path: Path, limit: int = 0) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train rows, val rows) of ``images,masks,split`` CSV (``launch/course_split.py``'s output), the first
+    ``limit`` of each if given; every file they name exists."""
     if not csv_path.is_file():
         raise UserError(f"{csv_path} not found; write it with launch/course_split.py")
     with csv_path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows or not {"images", "masks", "split"} <= set(rows[0]):
         raise UserError(f"{csv_path} needs columns images,masks,split (launch/course_split.py writes them)")
-    pick = {s: [(r["images"], r["masks"]) for r in rows if r["split"] == s] for s in ("train", "val")}
+    pick = {s: [(r["images"], r["masks"]) for r in rows if r["split"] == s][:limit or None] for s in ("train", "val")}
     missing = [p for r in pick["train"] + pick["val"] for p in r if not p or not Path(p).is_file()]
     if missing:
         raise UserError(f"{csv_path}: {len(missing)} listed file(s) not found, e.g. '{missing[0]}'; "
@@ -72,9 +73,7 @@ def train(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader
 
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-    train_rows, val_rows = read_split(args.csv)
-    if args.limit:
-        train_rows, val_rows = train_rows[:args.limit], val_rows[:args.limit]
+    train_rows, val_rows = read_split(args.csv, args.limit)
     size = args.size
     # is_check_shapes=False: 198 of the 290 masks are stored smaller than their photo; Resize fixes both
     train_augs = A.Compose([A.Resize(size, size), A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)],

@@ -41,15 +41,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def check_out_dir(out: str | os.PathLike, flag: str = "--out") -> None:
-    """``flag DIR`` exists (or is created) and is writable; UserError otherwise. Called before the work,
-    so a bad folder fails in a second instead of after the whole run."""
+    """``flag DIR`` is a folder, or can be made as one, that this process can write into; UserError otherwise.
+
+    Called before the work, so a bad folder fails in a second instead of after the whole run. Creates
+    nothing: a run that fails later for another reason leaves no empty folder behind.
+    """
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{flag} {out}: cannot create the folder ({e.strerror}); pass a writable folder") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"{flag} {out}: the folder is not writable; pass a writable folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out} is a file; pass a folder")
+    existing = out.absolute()
+    while not existing.exists():  # the nearest folder that exists is where the first mkdir happens
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {out}: {existing} is a file, so no folder can be made there; pass another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {out}: {existing} is not writable; pass a folder you can write to")
 
 
 def check_out_file(out: str | os.PathLike, flag: str) -> None:

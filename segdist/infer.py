@@ -412,19 +412,21 @@ class Predictor:
 
 
 def pick_device(device: str) -> torch.device:
-    """``auto`` (a GPU if there is one), ``cpu``, ``cuda`` or ``cuda:N``; anything else is a UserError."""
+    """``auto`` (a GPU if there is one), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; anything else, or a GPU
+    this machine lacks, is a UserError."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise UserError(f"--device '{device}' is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"--device '{device}': segdist runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: this machine has no CUDA GPU; use --device cpu (or auto)")
+        raise UserError(f"device '{device}' is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device '{device}': segdist predicts on auto, cpu, cuda, cuda:N or mps")
+    if (dev.type == "cuda" and not torch.cuda.is_available()) or (dev.type == "mps" and not has_mps):
+        raise UserError(f"device {device}: this machine has no such GPU; use cpu (or auto)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+        raise UserError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 

@@ -184,4 +184,4 @@ def _check_args(out, n: int, size: int, classes: int, seed: int = 0) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / "synth.json").is_file():
         raise UserError(f"synth: {out} is a non-empty folder that is not a synthetic dataset; "
                         "pass an empty or new folder (it would be replaced)")
-    check_out_dir(out.parent, "synth: the output's parent")
+    check_out_dir(out, "synth: the output")

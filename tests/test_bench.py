@@ -57,7 +57,8 @@ def test_course_csv_needs_the_course_columns(tmp_path):
     with pytest.raises(UserError, match="'images' and 'masks'"):
         read_course_csv(bad)
     (tmp_path / "a.jpg").write_bytes(b"")
-    bad.write_text("images,masks\na.jpg,a_mask.png\n,b.png\n")  # a mask that is not there; an empty cell and another missing mask
+    # a missing mask; then an empty image cell and another missing mask
+    bad.write_text("images,masks\na.jpg,a_mask.png\n,b.png\n")
     with pytest.raises(UserError, match=r"3 listed file\(s\) not found, e.g. '.*a_mask.png'"):
         read_course_csv(bad)
 

@@ -150,7 +150,7 @@ def test_cli_errors_are_one_line(ckpt, tmp_path, capsys, monkeypatch):
     assert len(lines) == 5 and all(line.startswith("segdist: error: ") for line in lines)
     assert "not a segdist model folder" in lines[0] and "--opset 5" in lines[1]
     assert f"--onnx {tmp_path} is a folder; pass a file path" in lines[2]
-    assert "--onnx's folder" in lines[3] and "cannot create the folder" in lines[3]
+    assert "--onnx's folder" in lines[3] and "file is a file; pass a folder" in lines[3]
     assert lines[4] == f"segdist: error: {missing_extra_message('onnxruntime')}"
     assert "pip install 'segdist[export]'" in lines[4] and not (tmp_path / "x.onnx").exists()
     with pytest.raises(UserError, match=r"segdist\[export\]"):

@@ -58,16 +58,16 @@ def test_unusable_out_device_and_damaged_model_folder_are_user_errors(ckpt, tmp_
     photo = tmp_path / "a.png"
     cv2.imwrite(str(photo), np.zeros((20, 30, 3), np.uint8))
     (tmp_path / "taken").write_text("a file where the output folder should go")
-    with pytest.raises(UserError, match="--out .*taken: cannot create the folder"):
+    with pytest.raises(UserError, match="--out .*taken is a file; pass a folder"):
         predict_paths(ckpt, photo, tmp_path / "taken", device="cpu")
-    with pytest.raises(UserError, match="--out .*cannot create the folder"):
+    with pytest.raises(UserError, match="--out .*taken is a file, so no folder can be made there"):
         predict_paths(ckpt, photo, tmp_path / "taken" / "sub", device="cpu")
     with pytest.raises(UserError, match="'gpu' is not a device"):
         predict_paths(ckpt, photo, tmp_path / "o", device="gpu")
-    with pytest.raises(UserError, match="runs on cpu or cuda"):
+    with pytest.raises(UserError, match="predicts on auto, cpu, cuda, cuda:N or mps"):
         predict_paths(ckpt, photo, tmp_path / "o", device="meta")
     bad_gpu = "cuda:99" if torch.cuda.is_available() else "cuda"
-    with pytest.raises(UserError, match="no CUDA GPU|GPU\\(s\\)"):
+    with pytest.raises(UserError, match="no such GPU|CUDA GPU\\(s\\)"):
         predict_paths(ckpt, photo, tmp_path / "o", device=bad_gpu)
     torn = tmp_path / "torn"
     shutil.copytree(ckpt, torn)
@@ -80,6 +80,7 @@ def test_unusable_out_device_and_damaged_model_folder_are_user_errors(ckpt, tmp_
     p = subprocess.run([sys.executable, "-m", "segdist.cli", "predict", str(torn), str(photo), "--out",
                         str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "the folder is damaged" in p.stderr
+    assert not (tmp_path / "o").exists()  # checked, not created: runs that stopped early leave no empty folder
 
 
 def test_same_stem_in_subfolders_and_extensions_do_not_overwrite(ckpt, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import re
 import shutil
 import subprocess
 import sys
@@ -55,14 +56,19 @@ def test_read_manifest_and_shard_lists_over_http_and_local(http_base, small_shar
 
 def test_a_folder_without_a_manifest_gets_the_command_that_fixes_it(small_shards, tmp_path):
     tar = next(small_shards.glob("*.tar"))
-    with pytest.raises(UserError, match=f"pass the shard folder that holds it \\({small_shards}\\), not one shard"):
+    with pytest.raises(UserError, match=re.escape(f"pass the shard folder that holds it ({small_shards}), not one")):
         shards.read_manifest(tar)
+    with pytest.raises(UserError, match="pass a shard folder inside it, e.g. " + re.escape(str(small_shards))):
+        shards.read_manifest(small_shards.parent)
     (tmp_path / "ds" / "images").mkdir(parents=True)
-    with pytest.raises(UserError, match=f"looks like a dataset.*--out {tmp_path / 'ds'}-shards"):
+    with pytest.raises(UserError, match="looks like a dataset.*--out " + re.escape(f"{tmp_path / 'ds'}-shards")):
         shards.read_manifest(tmp_path / "ds")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="build shards with `segdist shards build SRC"):
         shards.read_manifest(tmp_path / "empty")
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(UserError, match="pass a shard folder, not a file"):
+        shards.read_manifest(tmp_path / "notes.txt")
 
 
 # ----------------------------------------------------------------------------- ShardSet

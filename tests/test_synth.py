@@ -88,7 +88,7 @@ def test_bad_arguments_raise_user_error(tmp_path, kwargs, fragment):
 
 def test_an_output_under_a_file_is_a_user_error(tmp_path):
     (tmp_path / "afile").write_text("")
-    with pytest.raises(UserError, match="afile: cannot create the folder"):
+    with pytest.raises(UserError, match="afile is a file, so no folder can be made there"):
         make_synthetic(tmp_path / "afile" / "data", n=1, size=32)
 
 

@@ -11,8 +11,9 @@ from segdist.track import RunLog, plot_curves, read_records
 
 def torn_log(path, steps=(10, 20, 30)):
     """A metrics.jsonl as a job killed while appending its last record leaves it."""
-    lines = [json.dumps({"step": s, "event": "epoch", "epoch": i + 1, "train_loss": 1.0 / (i + 1), "val_iou": 0.1 * i})
-             for i, s in enumerate(steps)]
+    # val_loss NaN: a diverged epoch is logged as NaN, and must come back as NaN after a rewrite
+    lines = [json.dumps({"step": s, "event": "epoch", "epoch": i + 1, "train_loss": 1.0 / (i + 1), "val_iou": 0.1 * i,
+                         "val_loss": float("nan") if i == 1 else 0.5}) for i, s in enumerate(steps)]
     path.write_text("\n".join(lines) + "\n" + '{"step": 40, "event": "ep')
     return lines
 

@@ -279,6 +279,9 @@ def test_damaged_states_are_named_and_resume_auto_falls_back(shards, tmp_path):
     assert f"state {newest} is damaged: loop.json is unreadable" in err
     p = run_ok(train_cmd(shards, tmp_path, "d", *args, "train.epochs=4", "train.resume=auto"))
     assert f"state {newest} is damaged: loop.json" in p.stdout and "falling back" in p.stdout
+    # ...but another seed is a refusal, not damage: auto must not fall back past every state for it
+    err = run_fails(train_cmd(shards, tmp_path, "d", *args, "train.epochs=5", "train.seed=7", "train.resume=auto"))
+    assert "the sample order changed (seed" in err and "falling back" not in err
 
 
 @pytest.mark.slow

@@ -342,7 +342,7 @@ def build_shards(src=None, out=None, *, progress: bool = True, **options) -> dic
         raise UserError("--out DIR is required")
     o = BuildOptions(**options)
     out = Path(out)
-    check_out_dir(out.parent, "--out's parent")  # a file in the path or no write access: one message, not OSError
+    check_out_dir(out)  # a file in the way or no write access: one message now, not an OSError later
     workers = default_workers() if not o.workers or o.workers < 1 else o.workers
     names, palette_table, palette_names = _label_files(o.classes, o.palette)
     n_colours = len([1 for _, i in palette_table if i != IGNORE_INDEX])

@@ -164,14 +164,25 @@ def is_stall(e: BaseException) -> bool:
 
 
 def _no_manifest_hint(folder: Path) -> str:
-    """What to pass instead of a folder that is not a shard folder: a tar, a raw dataset or anything else."""
+    """What to pass instead: the folder of a shard, a shard folder inside, or shards built from a dataset."""
+    build = "build shards with `segdist shards build SRC --out DIR` and pass DIR"
     if folder.is_file():
-        return f"pass the shard folder that holds it ({folder.parent}), not one shard"
-    if folder.is_dir() and any(p.suffix.lower() in (".jpg", ".jpeg", ".png", ".csv") or p.is_dir()
-                               for p in folder.iterdir()):
+        if folder.suffix == ".tar":
+            return f"pass the shard folder that holds it ({folder.parent}), not one shard"
+        return f"pass a shard folder, not a file; {build}"
+    try:
+        children = list(folder.iterdir()) if folder.is_dir() else []
+    except OSError:
+        return build
+    inner = sorted(p for p in children if (p / MANIFEST).is_file())
+    if inner:
+        return f"pass a shard folder inside it, e.g. {inner[0]}"
+    dataset = {"images", "masks", "train.csv"} & {p.name.lower() for p in children} or any(
+        p.suffix.lower() in (".jpg", ".jpeg", ".png", ".csv") for p in children)
+    if dataset:
         return (f"it looks like a dataset, not shards: build them with "
                 f"`segdist shards build {folder} --out {folder}-shards` and pass {folder}-shards")
-    return f"build shards with `segdist shards build SRC --out {folder}`, or pass the folder that holds {MANIFEST}"
+    return build
 
 
 def _count_samples(url: str, read_timeout: float = 60.0) -> int:
