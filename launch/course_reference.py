@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segdist.bench.common import CourseDataset
+from segdist.bench.common import CourseDataset, check_listed_files
 from segdist.config import ModelConfig
 from segdist.errors import UserError
 from segdist.models import LITE0_ENCODER, LITE0_PACKAGE, create_model
@@ -52,10 +52,8 @@ def read_split(csv_path: Path, limit: int = 0) -> tuple[list[tuple[str, str]], l
     if not rows or not {"images", "masks", "split"} <= set(rows[0]):
         raise UserError(f"{csv_path} needs columns images,masks,split (launch/course_split.py writes them)")
     pick = {s: [(r["images"], r["masks"]) for r in rows if r["split"] == s][:limit or None] for s in ("train", "val")}
-    missing = [p for r in pick["train"] + pick["val"] for p in r if not p or not Path(p).is_file()]
-    if missing:
-        raise UserError(f"{csv_path}: {len(missing)} listed file(s) not found, e.g. '{missing[0]}'; "
-                        f"write the CSV with launch/course_split.py (absolute paths)")
+    check_listed_files(csv_path, pick["train"] + pick["val"],
+                       "; write the CSV with launch/course_split.py (absolute paths)")
     if not pick["train"] or not pick["val"]:
         raise UserError(f"{csv_path} has {len(pick['train'])} train and {len(pick['val'])} val rows; it needs both")
     return pick["train"], pick["val"]

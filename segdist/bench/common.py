@@ -156,11 +156,16 @@ def read_course_csv(csv_path: Path, limit: int = 0) -> list[tuple[str, str]]:
     if not rows:
         raise UserError(f"{csv_path} lists no samples")
     # Both loops must read the same images: a row only one of them could read would skew the comparison.
+    check_listed_files(csv_path, rows, " (paths are relative to the CSV's folder); fix the CSV or pass --limit "
+                                       "to bench its first rows")
+    return rows
+
+
+def check_listed_files(csv_path: Path, rows: list[tuple[str, str]], fix: str) -> None:
+    """Every image and mask path in ``rows`` is a file; else a UserError counting the missing ones, then ``fix``."""
     missing = [p for row in rows for p in row if not Path(p).is_file()]
     if missing:
-        raise UserError(f"{csv_path}: {len(missing)} listed file(s) not found, e.g. '{missing[0]}' (paths are "
-                        f"relative to the CSV's folder); fix the CSV or pass --limit to bench its first rows")
-    return rows
+        raise UserError(f"{csv_path}: {len(missing)} listed file(s) not found, e.g. '{missing[0]}'{fix}")
 
 
 class CourseDataset(Dataset):
