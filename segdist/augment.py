@@ -12,7 +12,7 @@ rotation pulls in from outside the source get :data:`segdist.IGNORE_INDEX`: the 
 by +1 before the warp, so the warp's zero padding is the only 0 left, then 0 -> 255 and every
 other value -1 (original void 255 -> 256 -> 255).
 
-``normalize``/``denormalize`` are the same maths inference and overlays use.
+``normalize`` is the same maths inference uses.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import kornia.augmentation as K
 import torch
 
 from . import IGNORE_INDEX
-from .config import AugmentConfig, check_section
+from .config import AugmentConfig, validate_section
 from .errors import UserError
 
 NOISE_STD = 0.03
@@ -71,15 +71,6 @@ def normalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
     squeeze = x.ndim == 3
     m, s = _affine_stats(x[None] if squeeze else x, mean, std)
     out = (x - m) / s
-    return out[0] if squeeze else out
-
-
-def denormalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Inverse of :func:`normalize`: float (B, C, H, W) or (C, H, W) -> uint8 [0, 255], for overlays."""
-    x = image.to(torch.float32)
-    squeeze = x.ndim == 3
-    m, s = _affine_stats(x[None] if squeeze else x, mean, std)
-    out = (x * s + m).clamp_(0, 1).mul_(255).round_().to(torch.uint8)
     return out[0] if squeeze else out
 
 
@@ -159,7 +150,7 @@ class DeviceAugment(torch.nn.Module):
 
     def __init__(self, cfg: AugmentConfig, train: bool):
         super().__init__()
-        check_section("augment", cfg)
+        validate_section(cfg)
         self.cfg = cfg
         self.random = bool(train and cfg.enabled)
         self._pipelines: dict[tuple[int, int, int], K.AugmentationSequential | None] = {}

@@ -36,6 +36,7 @@ from torch import nn
 from . import IGNORE_INDEX
 from .config import LossConfig
 from .errors import UserError
+from .registry import Registry
 
 
 # ----------------------------------------------------------------------------- class weights
@@ -48,11 +49,11 @@ def _inv_sqrt(freq: np.ndarray) -> np.ndarray:
     return w / w.mean()
 
 
-CLASS_WEIGHTS: dict[str, Callable[[np.ndarray], np.ndarray] | None] = {
+CLASS_WEIGHTS: Registry[Callable[[np.ndarray], np.ndarray] | None] = Registry("loss.class_weights", {
     "none": None,
     "median_freq": _median_freq,
     "inv_sqrt": _inv_sqrt,
-}
+})
 """``loss.class_weights`` schemes: frequencies of the classes present (> 0, float64) -> their weights."""
 
 
@@ -72,9 +73,7 @@ def class_weights(manifest: dict | None, scheme: str, split: str = "train") -> t
 
     Raises UserError when there is no manifest (a shard pattern) or it has no pixel counts.
     """
-    if scheme not in CLASS_WEIGHTS:
-        raise UserError(f"unknown loss.class_weights '{scheme}'; choose one of {', '.join(CLASS_WEIGHTS)}")
-    rule = CLASS_WEIGHTS[scheme]
+    rule = CLASS_WEIGHTS.pick(scheme)
     if rule is None:
         return None
     if manifest is None:
@@ -322,7 +321,7 @@ def _sum(region: str, pixel: str) -> LossFactory:
                                 pixel: (c.ce_weight, PIXEL[pixel](c, b, w))})
 
 
-LOSSES: dict[str, LossFactory] = {
+LOSSES: Registry[LossFactory] = Registry("loss.name", {
     "dice_bce": _sum("dice", "ce"),
     "dice_ce": _sum("dice", "ce"),
     "dice_focal": _sum("dice", "focal"),
@@ -330,7 +329,7 @@ LOSSES: dict[str, LossFactory] = {
     "bce": PIXEL["ce"],
     **PIXEL,
     **{name: _region(name) for name in REGION},
-}
+}, also=("auto",))
 """``loss.name`` -> factory. ``bce`` and ``ce`` are the same term (BCE for one logit, CE otherwise)."""
 
 
@@ -341,10 +340,9 @@ def create_loss(cfg: LossConfig, out_channels: int, class_weights: torch.Tensor 
     binary) weights the pixel terms; a loss without one (``dice``, ``lovasz``) refuses them,
     so a configured weighting never silently does nothing.
     """
+    check_loss_config(cfg)
     binary = out_channels == 1
     name = cfg.name if cfg.name != "auto" else ("dice_bce" if binary else "dice_ce")
-    if name not in LOSSES:
-        raise UserError(f"unknown loss '{name}'; choose one of {', '.join(LOSSES)}")
     if class_weights is not None:
         if name in REGION:
             raise UserError(f"loss.name={name} takes no class weights; use loss.class_weights=none or a loss with "
@@ -352,4 +350,10 @@ def create_loss(cfg: LossConfig, out_channels: int, class_weights: torch.Tensor 
         if class_weights.shape != (max(out_channels, 2),):
             raise UserError(f"{class_weights.numel()} class weights for a model with {out_channels} output "
                             f"channel(s); the shards and model.num_classes disagree")
-    return LOSSES[name](cfg, binary, class_weights)
+    return LOSSES.pick(name)(cfg, binary, class_weights)
+
+
+def check_loss_config(cfg: LossConfig) -> None:
+    """``loss.name`` and ``loss.class_weights`` name registered things (UserError naming the key otherwise)."""
+    LOSSES.check(cfg.name)
+    CLASS_WEIGHTS.check(cfg.class_weights)

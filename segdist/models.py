@@ -216,21 +216,33 @@ PRETRAINED: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
 """Named weight sources; anything else ending in a weights suffix is read as a file."""
 
 
+def _pretrained_builder(pretrained: str) -> Callable[[ModelConfig, int], nn.Module]:
+    builder = PRETRAINED.get(pretrained)
+    if builder is None and pretrained.endswith(WEIGHT_SUFFIXES):
+        builder = _weights_file
+    if builder is None:
+        near = difflib.get_close_matches(pretrained, PRETRAINED, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise UserError(f"unknown model.pretrained '{pretrained}'{hint}; use one of {', '.join(PRETRAINED)} "
+                        f"or a path ending in {', '.join(WEIGHT_SUFFIXES)}")
+    return builder
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """``model.arch``, ``model.encoder`` and ``model.pretrained`` name things that exist (UserError otherwise),
+    checked without building anything."""
+    _check_arch(cfg.arch)
+    _check_encoder(cfg.encoder)
+    _pretrained_builder(cfg.pretrained)
+
+
 def create_model(cfg: ModelConfig, out_channels: int) -> nn.Module:
     """Build ``cfg.arch`` on ``cfg.encoder`` with ``cfg.pretrained`` encoder weights.
 
     ``out_channels``: 1 for a binary task (one logit per pixel, sigmoid), K for K classes
     (softmax). The model maps float32 ``(B, 3, H, W)`` to float32 logits ``(B, out_channels, H, W)``.
     """
-    builder = PRETRAINED.get(cfg.pretrained)
-    if builder is None and cfg.pretrained.endswith(WEIGHT_SUFFIXES):
-        builder = _weights_file
-    if builder is None:
-        near = difflib.get_close_matches(cfg.pretrained, PRETRAINED, n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise UserError(f"unknown model.pretrained '{cfg.pretrained}'{hint}; use one of {', '.join(PRETRAINED)} "
-                        f"or a path ending in {', '.join(WEIGHT_SUFFIXES)}")
-    return builder(cfg, out_channels)
+    return _pretrained_builder(cfg.pretrained)(cfg, out_channels)
 
 
 # -- reloading --------------------------------------------------------------------------------

@@ -6,21 +6,22 @@ number of optimiser steps of the whole run as this rank sees it; the same on eve
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Callable
 
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from .config import OptimConfig
+from .registry import Registry
 
-OPTIMIZERS: dict[str, Callable] = {
+OPTIMIZERS: Registry[Callable] = Registry("optim.name", {
     "adamw": lambda groups, c: torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay),
     "adam": lambda groups, c: torch.optim.Adam(groups, lr=c.lr, weight_decay=c.weight_decay),
     "sgd": lambda groups, c: torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum,
                                              weight_decay=c.weight_decay, nesterov=c.momentum > 0),
-}
+})
 
 
 def param_groups(cfg: OptimConfig, model: nn.Module) -> list[dict]:
@@ -35,7 +36,13 @@ def param_groups(cfg: OptimConfig, model: nn.Module) -> list[dict]:
 
 
 def create_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    return OPTIMIZERS[cfg.name](param_groups(cfg, model), cfg)
+    return OPTIMIZERS.pick(cfg.name)(param_groups(cfg, model), cfg)
+
+
+def check_optim_config(cfg: OptimConfig) -> None:
+    """``optim.name`` and ``optim.scheduler`` name registered things (UserError naming the key otherwise)."""
+    OPTIMIZERS.check(cfg.name)
+    SCHEDULERS.check(cfg.scheduler)
 
 
 def _warmup_then(decay: Callable[[float], float], cfg: OptimConfig, total: int):
@@ -55,7 +62,7 @@ def _poly(t: float, power: float = 0.9) -> float:
     return (1 - t) ** power
 
 
-SCHEDULERS: dict[str, Callable] = {
+SCHEDULERS: Registry[Callable] = Registry("optim.scheduler", {
     "cosine": lambda opt, c, total: torch.optim.lr_scheduler.LambdaLR(opt, _warmup_then(_cosine, c, total)),
     "poly": lambda opt, c, total: torch.optim.lr_scheduler.LambdaLR(opt, _warmup_then(_poly, c, total)),
     "constant": lambda opt, c, total: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
@@ -63,44 +70,42 @@ SCHEDULERS: dict[str, Callable] = {
         opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(total, 1),
         # OneCycleLR divides by each phase's length: keep both phases at least 2 steps long.
         pct_start=min(0.3, max(c.warmup_steps, 2) / total) if c.warmup_steps and total else 0.3),
-}
+})
 
 
 def create_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    return SCHEDULERS[cfg.scheduler](optimizer, cfg, total_steps)
+    return SCHEDULERS.pick(cfg.scheduler)(optimizer, cfg, total_steps)
 
 
-class EMA(nn.Module):
-    """Exponential moving average of a model's weights, for evaluation; no host sync per update.
+class EMA(ModelEmaV3):
+    """Exponential moving average of a model's weights, for evaluation: timm's ``ModelEmaV3``.
 
-    The first :meth:`update` copies the weights, the n-th later one moves them ``1 - d_n`` of the
-    way to the model's with one fused ``_foreach_lerp_`` (torch's ``AveragedModel`` keeps its update
-    counter on the CPU, a blocking copy every step on a GPU). ``d_n = min(decay, (1 + n) / (10 + n))``,
-    TensorFlow's ``ExponentialMovingAverage(num_updates=...)`` warm-up: without it the average still
+    timm moves the parameters ``1 - d_n`` of the way to the model's with one fused ``_foreach_lerp_``
+    and copies the buffers (``exclude_buffers``: BatchNorm statistics stay current, not averaged).
+    The decay is TensorFlow's ``ExponentialMovingAverage(num_updates=...)`` warm-up, counted here in
+    a Python int (nothing read back from the device): the first update copies the weights, the n-th
+    later one uses ``d_n = min(decay, (1 + n) / (10 + n))``. Without a warm-up the average still
     holds ``decay ** n`` of the initial weights (a random decoder) after n steps -- 10 % after 230
-    steps at 0.99, which is most of a short fine-tuning run. Float buffers (BatchNorm statistics)
-    are copied, so the EMA model evaluates with current statistics.
+    steps at 0.99, most of a short fine-tuning run; timm's own warm-up (``use_warmup``) is a power
+    law that stays lower for thousands of steps.
     """
 
     def __init__(self, model: nn.Module, decay: float):
-        super().__init__()
-        self.module = copy.deepcopy(model).requires_grad_(False)
-        self.decay = decay
-        self.updates = 0  # a Python int: nothing to read back from the device
+        super().__init__(model, decay=decay, foreach=True, exclude_buffers=True)
+        self.module.requires_grad_(False)
+        self.updates = 0
+
+    def get_decay(self, step: int | None = None) -> float:
+        n = self.updates
+        return 0.0 if n == 0 else min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        ema, new = list(self.module.parameters()), [p.detach() for p in model.parameters()]
-        if self.updates == 0:
-            torch._foreach_copy_(ema, new)
-        else:
-            decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-            torch._foreach_lerp_(ema, new, 1.0 - decay)
-        for b, nb in zip(self.module.buffers(), model.buffers()):
-            b.copy_(nb)
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        super().update(model)
         self.updates += 1
 
     def state_dict(self, *args, **kwargs) -> dict:
+        """The averaged model's tensors (no ``module.`` prefix) and the update count."""
         return {**self.module.state_dict(), "ema_updates": torch.tensor(self.updates)}
 
     def load_state_dict(self, state: dict, strict: bool = True):

@@ -13,7 +13,7 @@ import torch
 from segdist import IGNORE_INDEX
 from segdist.config import LossConfig, load_config
 from segdist.errors import UserError
-from segdist.losses import LOSSES, REGION, class_weights, create_loss
+from segdist.losses import LOSSES, REGION, check_loss_config, class_weights, create_loss
 from tests.conftest import CLOTHING, require_dataset
 
 ALL = ["auto", *LOSSES]
@@ -122,7 +122,7 @@ def test_all_ignored_batch_is_zero_with_zero_gradient(out_ch, name):
 
 
 def test_unknown_loss():
-    with pytest.raises(UserError, match="unknown loss"):
+    with pytest.raises(UserError, match="config key 'loss.name' must be one of auto, dice_bce, .*; got 'tversky'"):
         create_loss(LossConfig(name="tversky"), 1)
 
 
@@ -307,7 +307,7 @@ def test_config_validates_the_new_keys():
     cfg = load_config(None, ["loss.name=dice_focal", "loss.class_weights=inv_sqrt", "focal_gamma=1", "ohem_keep=0.5"])
     assert (cfg.loss.class_weights, cfg.loss.focal_gamma, cfg.loss.ohem_keep) == ("inv_sqrt", 1.0, 0.5)
     with pytest.raises(UserError, match="none, median_freq, inv_sqrt"):
-        load_config(None, ["loss.class_weights=balanced"])
+        check_loss_config(load_config(None, ["loss.class_weights=balanced"]).loss)
     with pytest.raises(UserError, match="loss.ohem_keep' must be in"):
         load_config(None, ["loss.ohem_keep=0"])
     with pytest.raises(UserError, match="loss.focal_gamma' must be in"):

@@ -81,3 +81,46 @@ def test_ema_matches_the_formula_and_survives_a_state_dict_round_trip():
     other.load_state_dict(ema.state_dict())
     assert other.updates == 100
     assert all(torch.equal(a, b) for a, b in zip(other.module.parameters(), ema.module.parameters()))
+
+
+class _EMABefore(torch.nn.Module):
+    """segdist's hand-written EMA before it moved onto timm's ModelEmaV3 (commit a050dc7), kept as the reference."""
+
+    def __init__(self, model, decay):
+        import copy
+
+        super().__init__()
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model):
+        ema, new = list(self.module.parameters()), [p.detach() for p in model.parameters()]
+        if self.updates == 0:
+            torch._foreach_copy_(ema, new)
+        else:
+            torch._foreach_lerp_(ema, new, 1.0 - min(self.decay, (1 + self.updates) / (10 + self.updates)))
+        for b, nb in zip(self.module.buffers(), model.buffers()):
+            b.copy_(nb)
+        self.updates += 1
+
+
+def test_ema_on_timm_gives_the_same_weights_as_before(model):
+    """Training steps of a real Unet (AdamW, BN statistics moving): bit-identical EMA weights and buffers."""
+    from segdist.optim import EMA
+
+    torch.manual_seed(0)
+    ours, before = EMA(model, 0.99), _EMABefore(model, 0.99)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(12):
+        loss = model(torch.randn(2, 3, 64, 64)).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ours.update(model)
+        before.update(model)
+    model.eval()
+    pairs = list(zip(ours.module.state_dict().values(), before.module.state_dict().values(), strict=True))
+    assert len(pairs) > 300 and all(torch.equal(a, b) for a, b in pairs)
+    assert not all(torch.equal(a, b) for a, b in zip(ours.module.parameters(), model.parameters()))
