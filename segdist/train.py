@@ -11,9 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .augment import DeviceAugment
-from .checkpoint import (DamagedState, find_resume, list_states, load_state, read_loop, save_model, save_state,
-                         torn_states)
+from .checkpoint import save_model, save_state
 from .config import Config, save_config
 from .decode import to_device
 from .distributed import StopSignal, agree, make_accelerator, sync_buffers
@@ -31,33 +29,15 @@ from .errors import Paused, UserError
 from .evaluate import evaluate, val_loader
 from .export import write_model_card
 from .loader import Loader
-from .losses import class_weights, create_loss
-from .models import create_model
-from .optim import EMA, create_optimizer, create_scheduler
+from .losses import check_loss_config, class_weights, create_loss
+from .models import check_model_config, create_model
+from .optim import EMA, check_optim_config, create_optimizer, create_scheduler
 from .shards import ShardSet, open_shards
-from .stream import PLAN_KEYS, ShardStream, batches_per_epoch
+from .resume import Loop, resume_or_start, scored_at
+from .stream import ShardStream, batches_per_epoch
 from .track import RunLog, init_trackers, overlay_grid, plot_confusion, plot_curves, tracker_names
 
 __all__ = ["run", "Loop", "train_one_epoch", "evaluate_and_save"]
-
-STREAM_VERSION = 2
-"""Sample-order version in the resume plan; 2 = take before shuffle (older states resume differently)."""
-
-
-@dataclass
-class Loop:
-    """Where the run is; saved as ``loop.json`` in every state, so a resume continues exactly here."""
-
-    epoch: int = 0
-    batch: int = 0  # batches this rank has consumed in ``epoch``
-    step: int = 0  # optimiser steps taken
-    best_iou: float = -1.0
-    best_at: str = ""  # how best_iou was scored (see scored_at); "" in states from before it was recorded
-    nonfinite: int = 0  # skipped non-finite steps, in all
-    nonfinite_run: int = 0  # ... and in a row (the run stops at train.max_nonfinite)
-    plan: dict = field(default_factory=dict)  # what the sample order depends on
-    carry: list = field(default_factory=list)  # earlier runs in this epoch with other plans (elastic resume)
-
 
 @dataclass
 class Trainer:
@@ -99,7 +79,7 @@ def run(cfg: Config) -> dict:
     """Train ``cfg``; returns the last evaluation's metrics (main and other ranks alike)."""
     with StopSignal() as stop:  # from here on SIGUSR1/SIGTERM pause the run instead of killing it
         t = setup(cfg, stop)
-        acc, loop, metrics = t.accelerator, resume_or_start(t), {}
+        acc, loop, metrics = t.accelerator, resume_or_start(cfg, t.accelerator, t.run_dir, t.extras, t.log), {}
         acc.print(describe(t))
         # One loader for the whole run: its workers decode on into the next epoch while this one ends.
         with Loader(train_stream(t, loop), start_epoch=loop.epoch, end_epoch=cfg.train.epochs,
@@ -263,6 +243,10 @@ def full_res_metrics(t: Trainer, model, at_input: dict) -> dict:
 # ------------------------------------------------------------------------------ set-up
 def setup(cfg: Config, stop: StopSignal) -> Trainer:
     """Accelerator, shards, model, optimiser, scheduler, EMA, losses, augmentation, logging."""
+    # Names that pick from a registry are checked where the registry lives, before anything is built.
+    check_model_config(cfg.model)
+    check_loss_config(cfg.loss)
+    check_optim_config(cfg.optim)
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     acc = make_accelerator(mixed_precision=cfg.train.mixed_precision, log_with=tracker_names(cfg) or None,
                            project_dir=str(run_dir), step_scheduler_with_optimizer=False)
@@ -294,59 +278,13 @@ def setup(cfg: Config, stop: StopSignal) -> Trainer:
                    steps_per_epoch)
 
 
-def resume_or_start(t: Trainer) -> Loop:
-    """The newest undamaged state when resuming (model, optimiser, scheduler, scaler, RNG, position),
-    else step 0. ``train.resume=auto`` falls back past damaged states, saying so."""
-    cfg, acc = t.cfg, t.accelerator
-    # The sample plan depends on these; a resume must see the same ones to continue exactly.
-    plan = {"world_size": acc.num_processes, "num_workers": cfg.data.num_workers, "batch_size": cfg.data.batch_size,
-            "accumulate": cfg.optim.accumulate, "seed": cfg.train.seed, "stream": STREAM_VERSION}
-    for torn in torn_states(t.states_dir):
-        acc.print(f"ignoring torn state {torn} (left by a killed job)")
-    candidates = find_resume(cfg.train.resume, t.states_dir)
-    for path in candidates:
-        try:
-            elastic(as_loop(read_loop(path), path), plan, path, lambda _: None)  # a changed seed: refused first
-            loop, failed = as_loop(load_state(acc, path, t.extras), path), ""
-        except DamagedState as e:
-            loop, failed = None, str(e)
-        (any_failed,) = agree(acc, bool(failed))  # every rank falls back together
-        if not any_failed:
-            if acc.is_main_process:
-                t.log.truncate_after(loop.step)  # drop what the killed run logged after this state
-            acc.print(f"resumed from {path}: epoch {loop.epoch}, batch {loop.batch}, step {loop.step}")
-            return elastic(rescored(loop, cfg, acc.print), plan, path, acc.print)
-        if cfg.train.resume != "auto":
-            raise UserError(failed or f"state {path} is damaged on another process")
-        acc.print(f"{failed or f'state {path} is damaged on another process'}; falling back to the previous state")
-    if candidates:
-        raise UserError(f"every state in {t.states_dir} is damaged (see above); start over with "
-                        f"train.overwrite=true or choose another train.name")
-    start_fresh(t.run_dir, acc, cfg.train.overwrite)
-    return Loop(plan=plan)
-
-
-def scored_at(cfg: Config) -> str:
-    """Which score picks ``best/``: network-input resolution, or full resolution with its TTA."""
-    return f"full_res+{cfg.train.eval_tta}" if cfg.train.eval_full_res else "input"
-
-
-def rescored(loop: Loop, cfg: Config, say) -> Loop:
-    """A resume that changes how val is scored (``train.eval_full_res``/``eval_tta``) must not compare
-    the new scores with a best from the old ones: the next evaluation replaces ``best/``."""
-    if not loop.best_at or loop.best_at == scored_at(cfg) or loop.best_iou < 0:
-        return loop
-    say(f"best/ was scored {loop.best_at} (IoU {loop.best_iou:.4f}) and this run scores {scored_at(cfg)}; "
-        f"the next evaluation replaces best/ and is compared from there on")
-    return dataclasses.replace(loop, best_iou=-1.0, best_at=scored_at(cfg))
-
-
 def train_stream(t: Trainer, loop: Loop) -> ShardStream:
     """This rank's training samples: shuffled per (seed, epoch), the same batch count on every rank;
     ``loop.carry`` holds what an elastic resume still owes of the current epoch."""
     acc = t.accelerator
     stream = ShardStream.from_config(*t.shards.split("train"), t.cfg.data, train=True, seed=t.cfg.train.seed,
                                      rank=acc.process_index, world_size=acc.num_processes,
+                                     ids=t.shards.identity("train"),
                                      carry=tuple(loop.carry), carry_epoch=loop.epoch if loop.carry else None)
     if loop.carry and loop.batch == 0:
         left = sum(len(refs) for rank in stream.spread for refs, _ in rank)
@@ -375,54 +313,6 @@ def set_train_mode(model, freeze_bn: bool) -> None:
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
-
-
-def as_loop(saved: dict, path: Path) -> Loop:
-    """State ``path``'s saved ``loop.json`` as a :class:`Loop`; other keys mean a foreign or damaged state."""
-    try:
-        return Loop(**saved)
-    except TypeError as e:
-        raise DamagedState(f"state {path} is damaged: loop.json does not hold a training position ({e})") from None
-
-
-def elastic(saved: Loop, plan: dict, path: Path, print_fn) -> Loop:
-    """Continue ``saved`` under ``plan``. The seed and sample-order version must match; other
-    processes, workers or batch size are fine: the interrupted epoch's rest becomes a carry."""
-    fixed = {k: (saved.plan.get(k), plan[k]) for k in ("seed", "stream") if saved.plan.get(k) != plan[k]}
-    if fixed:
-        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in fixed.items())
-        raise UserError(f"cannot resume from {path}: the sample order changed ({what}); resume with the same "
-                        f"train.seed, or start a new run (train.name=...)")
-    changed = {k: (saved.plan.get(k), v) for k, v in plan.items() if saved.plan.get(k) != v}
-    if not changed:
-        return saved
-    print_fn("resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) +
-             " (the learning-rate schedule keeps its step count; its length follows the new steps per epoch)")
-    carry = list(saved.carry)
-    if saved.batch and any(k in changed for k in PLAN_KEYS):
-        carry.append({"plan": {k: saved.plan[k] for k in PLAN_KEYS}, "batch": saved.batch})
-        return dataclasses.replace(saved, plan=plan, carry=carry, batch=0)
-    return dataclasses.replace(saved, plan=plan)
-
-
-def start_fresh(run_dir: Path, accelerator, overwrite: bool) -> None:
-    """Step 0 in ``run_dir``: refused if a previous run is there, unless ``train.overwrite`` says delete it."""
-    states = run_dir / "states"
-    old = [p for p in (states, run_dir / "metrics.jsonl", run_dir / "overlays")
-           if p.is_file() or (p.is_dir() and any(p.iterdir()))]
-    if old and not overwrite:
-        newest = list_states(states)
-        what = f"states up to {newest[-1].name}" if newest else ", ".join(p.name for p in old)
-        raise UserError(f"{run_dir} holds a previous run ({what}); continue it with train.resume=auto, "
-                        f"start over with train.overwrite=true (deletes its states and metrics), "
-                        f"or choose another train.name")
-    accelerator.wait_for_everyone()  # every rank has seen the old run before it goes
-    if old and accelerator.is_main_process:
-        accelerator.print(f"train.overwrite=true: removing the previous run's {', '.join(p.name for p in old)} "
-                          f"in {run_dir}")
-        for p in old:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    accelerator.wait_for_everyone()
 
 
 # ------------------------------------------------------------------------------ logging
