@@ -25,15 +25,16 @@ import torch
 from .augment import DeviceAugment
 from .checkpoint import read_meta
 from .config import Config, config_from_dict
-from .decode import as_hw, decode_mask, to_device
+from .decode import decode_mask, to_device
+from .resize import as_hw
 from .distributed import make_accelerator
 from .infer import Options, Predictor, Source, describe, options_for
 from .loader import OneEpoch
 from .losses import create_loss
 from .metrics import SegCounts, logits_to_pred
 from .models import load_model
-from .shards import ShardSet, open_shards
-from .stream import ShardStream, iter_units, read_samples
+from .shards import ShardSet, image_bytes, mask_bytes, open_shards, read_samples
+from .stream import ShardStream, iter_units
 
 __all__ = ["eval_session", "evaluate", "evaluate_checkpoint", "evaluate_full_res", "evaluate_native",
            "native_metrics", "report", "stream_metrics", "val_loader", "val_samples", "write_outputs"]
@@ -87,7 +88,7 @@ def exact_kernels() -> None:
 def val_loader(cfg: Config, shards: ShardSet, split: str, accelerator, batch_size: int = 0, num_workers: int = -1):
     """This rank's share of ``split``, every sample once across ranks (last batch may be short)."""
     stream = ShardStream.from_config(*shards.split(split), cfg.data, train=False, rank=accelerator.process_index,
-                                     world_size=accelerator.num_processes,
+                                     world_size=accelerator.num_processes, ids=shards.identity(split),
                                      batch_size=batch_size or cfg.data.eval_batch_size, num_workers=num_workers)
     return OneEpoch(stream, 0, 0, prefetch=cfg.data.prefetch)
 
@@ -97,10 +98,11 @@ def val_samples(cfg: Config, shards: ShardSet, split: str, accelerator, num_work
     bytes) and how many: the val plan of :class:`ShardStream`, every sample exactly once across
     ranks, its slots read one after another in this process."""
     urls, sizes = shards.split(split)
+    ids = shards.identity(split)
     stream = ShardStream.from_config(urls, sizes, cfg.data, train=False, rank=accelerator.process_index,
-                                     world_size=accelerator.num_processes, num_workers=num_workers)
+                                     world_size=accelerator.num_processes, num_workers=num_workers, ids=ids)
     units = [u for plan in stream.plans(0) for u in plan.units]
-    read = lambda shard: read_samples(urls[shard], sizes[shard], cfg.data.read_timeout)
+    read = lambda shard: read_samples(urls[shard], ids[shard], cfg.data.read_timeout, stream.max_member)
     return sum(u.size for u in units), iter_units(read, tuple(units))
 
 
@@ -242,8 +244,8 @@ def native_metrics(model, meta: dict, opts: Options, cfg, shards, accelerator, s
     predictor = Predictor(model, meta, opts, accelerator.device, batch_size, accelerator.autocast)
     counts = SegCounts(meta["num_classes"], meta["binary"], device=accelerator.device)
     total, samples = val_samples(cfg, shards, split, accelerator, num_workers)
-    items = ((Source(smp["image.jpg"] if "image.jpg" in smp else smp["image.png"], mask.shape, orient=False), mask)
-             for smp in samples for mask in [decode_mask(smp["mask.png"])])
+    items = ((Source(image_bytes(smp), mask.shape, orient=False), mask)
+             for smp in samples for mask in [decode_mask(mask_bytes(smp))])
     show = progress and accelerator.is_main_process
     with tqdm(total=total, unit="image", desc="eval", disable=None if show else True, leave=False) as bar:
         for mask, probs in predictor.run(items, per_image=True):

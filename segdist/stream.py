@@ -2,10 +2,11 @@
 
 The pipeline is a chain of small stages over iterators of sample dicts, as in WebDataset:
 ``read units (tar -> {__key__, image.jpg, mask.png}) -> take n -> shuffle buffer -> decode+resize
--> batch``. Reading uses WebDataset's tar iterators, so local paths, ``http(s)://`` URLs and
-``pipe:`` commands all work; an http(s) read without data for ``data.read_timeout`` seconds
-fails. Every tar read to its end must hold its manifest's sample count, and every sample an
-image and a mask: a cut or replaced shard is an error, never a silently shorter epoch.
+-> batch``. Reading is :func:`segdist.shards.reader.read_samples`, so local paths, ``http(s)://``
+URLs and ``pipe:`` commands all work; an http(s) read without data for ``data.read_timeout``
+seconds fails. Each shard is checked against its manifest entry as it streams (keys in order;
+count, bytes and sha256 when read to its end), and every sample has an image and a mask: a cut,
+swapped or replaced shard is an error naming it, never a silently different epoch.
 
 How work is split (the part that keeps DDP from hanging and metrics exact):
 
@@ -36,7 +37,6 @@ Batches are dicts: ``image`` uint8 (B, 3, S, S) (RGB; a channels-last view), ``m
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import math
 import zlib
@@ -47,65 +47,12 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .decode import as_hw, decode_image, decode_mask, place
+from .decode import decode_image, decode_mask, place
+from .resize import as_hw
 from .errors import UserError
-from .shards.manifest import is_stall, open_shard
+from .shards.reader import MAX_MEMBER_BYTES, ShardId, image_bytes, mask_bytes, read_samples
 
-__all__ = ["ShardStream", "plan_epoch", "batches_per_epoch", "read_samples", "batched", "to_batch"]
-
-
-# ------------------------------------------------------------------------- reading
-def _verify_hint(url: str) -> str:
-    folder = url.rsplit("/", 1)[0] if "/" in url and not url.startswith("pipe:") else ""
-    return f"run `segdist shards verify {folder}`" if folder else "run `segdist shards verify` on its folder"
-
-
-def _check_members(sample: dict, url: str) -> None:
-    """A sample the decoder can use: ``image.jpg`` or ``image.png``, and ``mask.png``."""
-    missing = [what for what, names in (("image", ("image.jpg", "image.png")), ("mask", ("mask.png",)))
-               if not any(n in sample for n in names)]
-    if missing:
-        members = ", ".join(k for k in sample if not k.startswith("__")) or "none"
-        raise UserError(f"sample '{sample['__key__']}' in shard '{url}' has no {' and no '.join(missing)} "
-                        f"(members: {members}); rebuild the shards or {_verify_hint(url)}")
-
-
-def read_samples(url: str, expected: int | None = None, read_timeout: float = 60.0) -> Iterator[dict]:
-    """Samples of one tar (local path, URL or ``pipe:``), in file order, as raw bytes.
-
-    Every sample must hold an image and a mask. With ``expected`` (the manifest's count) a tar read
-    to its end must hold exactly that many: a tar cut at a member boundary is still a valid,
-    shorter tar, so only the count tells. A reader that stops early (``take``) checks nothing;
-    a sample past ``expected`` fails at once. An http(s) read that gets no data for
-    ``read_timeout`` seconds fails.
-    """
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    n, stream = 0, None
-    try:
-        stream = open_shard(url, read_timeout)
-        samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
-        for sample in samples:
-            _check_members(sample, url)
-            n += 1
-            if expected is not None and n > expected:
-                n += sum(1 for _ in samples)  # the error path only: the exact count helps
-                break
-            yield sample
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 -- any I/O or tar error is the user's data or URL
-        if is_stall(e):
-            raise UserError(f"no data from {url} for {read_timeout:g} s (data.read_timeout); "
-                            "is the server up?") from None
-        raise UserError(f"cannot read shard '{url}': {e}; {_verify_hint(url)}") from None
-    finally:
-        if stream is not None:
-            with contextlib.suppress(OSError):  # a pipe: command's exit status when left early
-                stream.close()
-    if expected is not None and n != expected:
-        raise UserError(f"shard '{url}' holds {n} samples but its manifest says {expected}: it is truncated "
-                        f"or was replaced; {_verify_hint(url)}")
+__all__ = ["ShardStream", "plan_epoch", "batches_per_epoch", "batched", "to_batch"]
 
 
 # ------------------------------------------------------------------------- planning (pure)
@@ -276,18 +223,18 @@ def batched(samples: Iterator[dict], batch_size: int, size, reduced: bool, parti
         if not keys:
             images, masks = alloc()
             want = next(sizes)
-        img_key = "image.jpg" if "image.jpg" in s else "image.png"
+        image = image_bytes(s)
         i = len(keys)
         if placer is not None:
             placer(s, images[i], masks[i])
             jpegs.append(None)
-        elif device_decode and s[img_key][:2] == b"\xff\xd8":
-            jpegs.append(s[img_key])
-            masks[i] = decode_mask(s["mask.png"], hw)
+        elif device_decode and image[:2] == b"\xff\xd8":
+            jpegs.append(image)
+            masks[i] = decode_mask(mask_bytes(s), hw)
         else:
-            decode_image(s[img_key], hw, reduced, out=images[i])
+            decode_image(image, hw, reduced, out=images[i])
             jpegs.append(None)
-            masks[i] = decode_mask(s["mask.png"], hw)
+            masks[i] = decode_mask(mask_bytes(s), hw)
         keys.append(s["__key__"])
         if len(keys) == want:
             rows = slice(None) if want == batch_size else slice(want)
@@ -327,10 +274,13 @@ class ShardStream:
                  train: bool, seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  shuffle_buffer: int = 128, reduced_decode: bool = True, device_decode: bool = False,
                  read_timeout: float = 60.0, carry: tuple = (), carry_epoch: int | None = None,
-                 resize: str = "squash", short_side: int = 0, scale: tuple[float, float] = (1.0, 1.0)):
-        if len(urls) != len(sizes):
-            raise ValueError("urls and sizes differ in length")
+                 resize: str = "squash", short_side: int = 0, scale: tuple[float, float] = (1.0, 1.0),
+                 ids: list[ShardId] | None = None, max_member: int = MAX_MEMBER_BYTES):
+        if len(urls) != len(sizes) or (ids is not None and len(ids) != len(urls)):
+            raise ValueError("urls, sizes and ids differ in length")
         self.urls, self.sizes = list(urls), list(sizes)
+        self.ids = list(ids) if ids is not None else [ShardId(samples=n) for n in sizes]
+        self.max_member = max_member
         self.batch_size, self.image_size, self.train = batch_size, image_size, train
         self.image_hw = as_hw(image_size)
         self.resize, self.short_side, self.scale = resize, short_side, tuple(scale)
@@ -360,7 +310,8 @@ class ShardStream:
                    num_workers=data.num_workers if num_workers < 0 else num_workers,
                    shuffle_buffer=data.shuffle_buffer, reduced_decode=data.reduced_decode,
                    device_decode=data.decode == "device", read_timeout=data.read_timeout, resize=data.resize,
-                   short_side=data.short_side, scale=tuple(data.scale), **kw)
+                   short_side=data.short_side, scale=tuple(data.scale), max_member=int(data.max_member_mb * 2**20),
+                   **kw)
 
     def plan(self) -> dict:
         return {"world_size": self.world_size, "num_workers": self.num_workers, "batch_size": self.batch_size,
@@ -388,7 +339,7 @@ class ShardStream:
     def _reader(self, refs_only: bool) -> Callable[[int], Iterator]:
         if refs_only:
             return lambda shard: ((shard, i) for i in range(self.sizes[shard]))
-        return lambda shard: read_samples(self.urls[shard], self.sizes[shard], self.read_timeout)
+        return lambda shard: read_samples(self.urls[shard], self.ids[shard], self.read_timeout, self.max_member)
 
     def train_order(self, epoch: int, w: int, rank: int | None = None,
                     refs_only: bool = False) -> tuple[Iterator, list[int]]:
@@ -420,8 +371,7 @@ class ShardStream:
         def place_one(sample: dict, image_row: np.ndarray, mask_row: np.ndarray) -> None:
             key = sample["__key__"].encode()
             rng = np.random.default_rng([self.seed, epoch, zlib.crc32(key)]) if self.train else None
-            image = sample["image.jpg"] if "image.jpg" in sample else sample["image.png"]
-            place(image, sample["mask.png"], self.resize, self.image_hw, image_row, mask_row,
+            place(image_bytes(sample), mask_bytes(sample), self.resize, self.image_hw, image_row, mask_row,
                   short_side=self.short_side, scale=self.scale, rng=rng, reduced=self.reduced_decode)
 
         return place_one

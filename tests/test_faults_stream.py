@@ -26,9 +26,9 @@ import pytest
 import webdataset as wds
 
 from segdist.errors import UserError
-from segdist.loader import make_loader
+from tests.shardutil import make_loader
 from segdist.shards import open_shards
-from segdist.stream import read_samples
+from segdist.shards import read_samples
 from tests.conftest import REPO
 from tests.shardutil import UNEVEN, sample_bytes, write_shards
 

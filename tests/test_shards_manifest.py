@@ -112,7 +112,8 @@ def test_shard_set_of_a_folder_equals_shard_urls_and_sizes(tiny):
         assert ss.manifest == manifest and list(ss.splits) == ["train", "val"]
         for split in ("train", "val"):
             assert ss.split(split) == (shards.shard_urls(tiny, split), shards.shard_sizes(tiny, split))
-            assert ss.shards(split) == manifest["splits"][split]["shards"]
+            entries = manifest["splits"][split]["shards"]
+            assert ss.identity(split) == [shards.ShardId(e["samples"], e["bytes"], e["sha256"], None) for e in entries]
     assert ss.split("train")[1] == [3, 2]
 
 
@@ -121,7 +122,7 @@ def test_unknown_split_names_the_available_splits(tiny):
     with pytest.raises(UserError, match=r"no 'test' split \(have: train, val\)"):
         ss.split("test")
     with pytest.raises(UserError, match=r"no 'test' split \(have: train, val\)"):
-        ss.shards("test")
+        ss.identity("test")
 
 
 @pytest.mark.parametrize("spec", ["", None])
@@ -134,11 +135,11 @@ def test_http_base_is_read_with_one_get_of_the_manifest(counting_server):
     base, gets = counting_server
     ss = open_shards(base)
     train, val = ss.split("train"), ss.split("val")
-    entries = ss.shards("train")
+    ids = ss.identity("train")
     assert gets == {"/manifest.json": 1}  # no second read, and no shard fetched
     assert train == ([f"{base}/train-000000.tar", f"{base}/train-000001.tar"], [3, 2])
     assert val == ([f"{base}/val-000000.tar"], [2])
-    assert [e["name"] for e in entries] == ["train-000000.tar", "train-000001.tar"]
+    assert [i.samples for i in ids] == [3, 2] and all(len(i.sha256) == 64 for i in ids)
 
 
 def test_http_pattern_counts_each_shard_once_and_reads_the_manifest_beside_it(counting_server):
@@ -147,7 +148,7 @@ def test_http_pattern_counts_each_shard_once_and_reads_the_manifest_beside_it(co
     assert (ss.manifest, ss.task, list(ss.splits)) == (None, "binary", [ANY_SPLIT])
     assert ss.split("train") == ss.split("anything") == (
         [f"{base}/train-000000.tar", f"{base}/train-000001.tar"], [3, 2])
-    assert ss.shards("train") == []
+    assert ss.identity("train") == [shards.ShardId(samples=3), shards.ShardId(samples=2)]  # no manifest entries
     assert gets == {"/manifest.json": 1, "/train-000000.tar": 1, "/train-000001.tar": 1}
 
 

@@ -13,13 +13,15 @@ ends up in the manifest. The modules, in the order data flows through them:
 
 * :mod:`.manifest` -- read ``manifest.json``, shard URLs and counts, :func:`open_shards`
   (stdlib only: the part training imports);
+* :mod:`.reader` -- the one tar reader, the member picker and the per-shard identity check
+  (stdlib only, also read by training);
 * :mod:`.discover` -- find image/mask pairs, give them keys and splits;
 * :mod:`.labels` -- class names, palettes, the task and the raw -> stored mask value map;
 * :mod:`.sample` -- per-sample decode/check/repair/encode in worker processes;
 * :mod:`.build` -- the parallel build, tar writing and the manifest;
 * :mod:`.verify` and :mod:`.cli` at the edges.
 
-``manifest`` and ``discover`` (both stdlib only) load with the package; the names of the other
+``manifest``, ``reader`` and ``discover`` (stdlib only) load with the package; the names of the other
 modules load on first use, so ``import segdist.shards.manifest`` pulls in no numpy, OpenCV or PIL.
 """
 
@@ -31,6 +33,7 @@ from .discover import (IMAGE_EXTS, MAX_KEY_LEN, SPLIT_ALIASES, SPLIT_ORDER, STRA
                        assign_splits, discover, sanitize_key, split_order_key)
 from .manifest import (FORMAT, MANIFEST, VERSION, ShardSet, expand_urls, is_pattern, open_shards, read_manifest,
                        shard_sizes, shard_urls)
+from .reader import IMAGE_MEMBERS, MASK_MEMBER, ShardId, image_bytes, mask_bytes, read_samples
 
 _LAZY = {
     "labels": ("Labels", "decide_labels", "read_class_names", "read_palette"),
@@ -44,6 +47,7 @@ _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 __all__ = [
     "FORMAT", "MANIFEST", "VERSION", "ShardSet", "expand_urls", "is_pattern", "open_shards", "read_manifest",
     "shard_sizes", "shard_urls",
+    "IMAGE_MEMBERS", "MASK_MEMBER", "ShardId", "image_bytes", "mask_bytes", "read_samples",
     "IMAGE_EXTS", "MAX_KEY_LEN", "SPLIT_ALIASES", "SPLIT_ORDER", "STRAY_NAMES", "Discovery", "Pair",
     "assign_splits", "discover", "sanitize_key", "split_order_key",
     *_MODULE_OF,

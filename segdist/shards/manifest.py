@@ -7,11 +7,10 @@ expand or count shard patterns).
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
-import re
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,17 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from .reader import ShardId, is_url, read_samples
 
 FORMAT = "segdist-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
 
 
-def _is_url(base: str) -> bool:
-    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", base))
-
-
-def _local(base) -> Path:
+def local_path(base) -> Path:
     base = str(base)
     if base.startswith("file://"):
         return Path(urllib.request.url2pathname(urllib.parse.urlparse(base).path))
@@ -39,10 +35,10 @@ def _local(base) -> Path:
 def _folder_of(base) -> str | Path:
     """Shard folder (Path) or URL prefix (str, no trailing slash) for a folder/URL/manifest path."""
     base = str(base)
-    if _is_url(base) and not base.startswith("file://"):
+    if is_url(base) and not base.startswith("file://"):
         base = base.rstrip("/")
         return base.rsplit("/", 1)[0] if base.endswith("/" + MANIFEST) else base
-    path = _local(base)
+    path = local_path(base)
     return path.parent if path.name == MANIFEST and path.is_file() else path
 
 
@@ -131,38 +127,6 @@ def expand_urls(spec: str) -> list[str]:
     return urls
 
 
-_TRANSIENT = {408, 429, 500, 502, 503, 504}  # the HTTP statuses curl's --retry retries
-_RETRIES, _RETRY_DELAY = 30, 2.0  # what webdataset's curl command used (--retry 30 --retry-delay 2)
-
-
-def open_shard(url: str, read_timeout: float = 60.0):
-    """A binary stream of one tar: http(s) through urllib, anything else through WebDataset's gopen.
-
-    webdataset's gopen runs ``curl --connect-timeout 30 --retry 30`` for http(s), with no limit
-    on a transfer that stalls: a stalled server hung the reader forever. A socket timeout
-    bounds every wait for data instead; transient statuses are retried as curl did.
-    """
-    import urllib.error
-    import urllib.request
-
-    from webdataset.gopen import gopen
-
-    if not url.startswith(("http://", "https://")):
-        return gopen(url)
-    for attempt in range(_RETRIES + 1):
-        try:
-            return urllib.request.urlopen(url, timeout=read_timeout)
-        except urllib.error.HTTPError as e:
-            if e.code not in _TRANSIENT or attempt == _RETRIES:
-                raise
-        time.sleep(_RETRY_DELAY)
-
-
-def is_stall(e: BaseException) -> bool:
-    """Whether ``e`` is a read that got no data within :func:`open_shard`'s ``read_timeout``."""
-    return isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError)
-
-
 def _no_manifest_hint(folder: Path) -> str:
     """What to pass instead: the folder of a shard, a shard folder inside, or shards built from a dataset."""
     build = "build shards with `segdist shards build SRC --out DIR` and pass DIR"
@@ -186,22 +150,8 @@ def _no_manifest_hint(folder: Path) -> str:
 
 
 def _count_samples(url: str, read_timeout: float = 60.0) -> int:
-    """Samples in one tar (local path, URL or ``pipe:``): members grouped by key, as WebDataset reads them."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    stream = None
-    try:
-        stream = open_shard(url, read_timeout)
-        return sum(1 for _ in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])))
-    except Exception as e:  # noqa: BLE001 -- any I/O or tar error is the user's data or URL
-        if is_stall(e):
-            raise UserError(f"no data from {url} for {read_timeout:g} s; is the server up?") from None
-        hint = ("check the URL and the server" if _is_url(url) and not url.startswith("file://")
-                else "run `segdist shards verify` on its folder")
-        raise UserError(f"cannot read shard '{url}': {e}; {hint}") from None
-    finally:
-        if stream is not None:
-            stream.close()
+    """Samples in one tar (local path, URL or ``pipe:``), grouped as every reader groups them."""
+    return sum(1 for _ in read_samples(url, read_timeout=read_timeout))
 
 
 def _manifest_beside(url: str) -> dict | None:
@@ -251,12 +201,21 @@ class ShardSet:
         """The class colours ``[[r, g, b], ...]`` the build recorded (multi-class palette masks), else None."""
         return (self.manifest or {}).get("palette")
 
-    def shards(self, name: str) -> list[dict]:
-        """The manifest's entries (name, samples, bytes, sha256) of split ``name``'s shards; [] for a pattern."""
+    def identity(self, name: str) -> list[ShardId]:
+        """What each of split ``name``'s shards must be, in :meth:`split`'s order: sample count, and from
+        the manifest its bytes, sha256 and sample keys in order (checked by every reader as it streams)."""
+        urls, sizes = self.split(name)
         if self.manifest is None:
-            return []
-        self.split(name)
-        return self.manifest["splits"][name].get("shards", [])
+            return [ShardId(samples=n) for n in sizes]
+        return [ShardId.of(entry, self._keys.get(entry["name"])) for entry in self.manifest["splits"][name]["shards"]]
+
+    @functools.cached_property
+    def _keys(self) -> dict[str, tuple[str, ...]]:
+        """Shard name -> its sample keys in file order, from the manifest's ``sources`` (in write order)."""
+        keys: dict[str, list[str]] = {}
+        for key, source in (self.manifest or {}).get("sources", {}).items():
+            keys.setdefault(source.get("shard"), []).append(key)
+        return {name: tuple(k) for name, k in keys.items()}
 
 
 def open_shards(spec: str) -> ShardSet:

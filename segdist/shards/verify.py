@@ -17,7 +17,8 @@ from PIL import Image
 from .. import IGNORE_INDEX
 from ..errors import UserError
 from .build import _mapper, _progress, default_workers
-from .manifest import MANIFEST, _is_url, _local, read_manifest
+from .manifest import MANIFEST, local_path, read_manifest
+from .reader import IMAGE_MEMBERS, MASK_MEMBER, is_url, tar_samples
 
 
 def _verify_shard(task: tuple[str, dict, str, int, int]) -> tuple[list[str], list[str], np.ndarray]:
@@ -36,44 +37,26 @@ def _verify_shard(task: tuple[str, dict, str, int, int]) -> tuple[list[str], lis
         problems.append(f"{name}: sha256 differs from the manifest (file corrupted or changed)")
     keys: list[str] = []
     try:
-        samples = _tar_samples(data)
-        for key, files in samples:
-            keys.append(key)
-            problems += [f"{name}: sample {key}: {p}" for p in _check_sample(files, num_classes, channels, hist)]
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        for sample in tar_samples(io.BytesIO(data), name):
+            keys.append(sample["__key__"])
+            files = {k: v for k, v in sample.items() if k != "__key__"}
+            problems += [f"{name}: sample {sample['__key__']}: {p}" for p in _check_sample(files, num_classes, channels,
+                                                                                          hist)]
+    except (tarfile.TarError, EOFError, OSError, ValueError, UserError) as e:
         problems.append(f"{name}: unreadable tar after {len(keys)} samples ({e})")
     if len(keys) != record.get("samples"):
         problems.append(f"{name}: {len(keys)} samples, manifest says {record.get('samples')}")
     return problems, keys, hist
 
 
-def _tar_samples(data: bytes) -> list[tuple[str, dict[str, bytes]]]:
-    """Group tar members into samples like WebDataset: key = name up to the first dot."""
-    samples: list[tuple[str, dict[str, bytes]]] = []
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
-        for member in tf:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            f = tf.extractfile(member)
-            payload = f.read() if f else b""
-            if len(payload) != member.size:
-                raise tarfile.ReadError(f"member {member.name} is truncated")
-            if samples and samples[-1][0] == key:
-                samples[-1][1][ext] = payload
-            else:
-                samples.append((key, {ext: payload}))
-    return samples
-
-
 def _check_sample(files: dict[str, bytes], num_classes: int, channels: int, hist: np.ndarray) -> list[str]:
-    image_exts = [e for e in files if e in ("image.jpg", "image.png")]
-    if len(image_exts) != 1 or "mask.png" not in files or len(files) != 2:
-        return [f"expected image.jpg|image.png + mask.png, found {sorted(files)}"]
+    image_exts = [e for e in files if e in IMAGE_MEMBERS]
+    if len(image_exts) != 1 or MASK_MEMBER not in files or len(files) != 2:
+        return [f"expected {'|'.join(IMAGE_MEMBERS)} + {MASK_MEMBER}, found {sorted(files)}"]
     try:
         image = Image.open(io.BytesIO(files[image_exts[0]]))
         image.load()
-        mask = Image.open(io.BytesIO(files["mask.png"]))
+        mask = Image.open(io.BytesIO(files[MASK_MEMBER]))
         mask.load()
     except (OSError, SyntaxError, ValueError) as e:
         return [f"cannot decode ({e})"]
@@ -99,9 +82,9 @@ def verify_shards(folder, workers: int | None = None, progress: bool = True) -> 
 
     Raises UserError when ``folder`` is not a shard folder at all.
     """
-    if _is_url(str(folder)) and not str(folder).startswith("file://"):
+    if is_url(str(folder)) and not str(folder).startswith("file://"):
         raise UserError(f"verify needs a local shard folder, not {folder}: download it first")
-    folder = _local(folder)
+    folder = local_path(folder)
     manifest = read_manifest(folder)
     k, channels = int(manifest.get("num_classes", 2)), int(manifest.get("channels", 3))
     tasks, problems = [], []
