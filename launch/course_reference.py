@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segdist.bench.common import CourseDataset, check_listed_files
+from segdist.bench.course import CourseDataset, check_listed_files
 from segdist.config import ModelConfig
 from segdist.errors import UserError
 from segdist.models import LITE0_ENCODER, LITE0_PACKAGE, create_model

@@ -2,7 +2,7 @@
 
 * :func:`decode_image`: JPEG/PNG bytes -> uint8 RGB (S, S, 3). libjpeg decodes large JPEGs at
   1/2, 1/4 or 1/8 scale when that still covers ``S`` (fewer pixels, same output quality), then
-  :func:`resize_square` resizes with the one interpolation rule (area from 2x down, else bilinear).
+  :func:`segdist.resize.resize_to` resizes by the one rule (area from 2x down, else bilinear).
 * :func:`decode_mask`: index PNG bytes -> uint8 (S, S), nearest (class ids stay ids).
 * :func:`to_device`: a loader batch onto the accelerator; rows that travelled as JPEG bytes
   (``data.decode=device``) are decoded there (nvJPEG on CUDA).
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .resize import as_hw, resize_batch, resize_to, scaled_size
 
-__all__ = ["jpeg_size", "as_hw", "decode_image", "decode_rgb", "resize_to", "resize_square", "decode_mask",
-           "scaled_size", "place", "RESIZE_MODES", "to_device"]
+__all__ = ["DecodeError", "jpeg_size", "decode_image", "decode_rgb", "decode_mask", "place", "to_device"]
 
 cv2.setNumThreads(1)  # one decode per worker process; OpenCV's own pool only oversubscribes
 
@@ -55,12 +55,12 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def as_hw(size) -> tuple[int, int]:
-    """``data.image_size`` (S or [H, W]) as (H, W)."""
-    if isinstance(size, (list, tuple)):
-        h, w = size
-        return int(h), int(w)
-    return int(size), int(size)
+class DecodeError(UserError):
+    """Bytes OpenCV cannot (or refuses to) decode as an image; ``reason`` says why, in words."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"cannot decode an image in the shards ({reason}); run `segdist shards verify`")
+        self.reason = reason
 
 
 def _imdecode(data: bytes, min_hw: tuple[int, int] | None, reduced: bool, orient: bool) -> np.ndarray:
@@ -79,9 +79,14 @@ def _imdecode(data: bytes, min_hw: tuple[int, int] | None, reduced: bool, orient
         flag = (flag & ~cv2.IMREAD_COLOR) | _RGB
     if not orient:
         flag |= cv2.IMREAD_IGNORE_ORIENTATION
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    try:  # OpenCV raises (not returns None) for empty bytes or a header claiming 60000 x 60000 pixels
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    except cv2.error as e:
+        too_big = "CV_IO_MAX_IMAGE_PIXELS" in str(e)
+        raise DecodeError("larger than OpenCV's decode limit (CV_IO_MAX_IMAGE_PIXELS)" if too_big
+                          else f"OpenCV cannot decode it: {str(e).strip().splitlines()[-1]}") from None
     if img is None:
-        raise UserError("cannot decode an image in the shards; run `segdist shards verify`")
+        raise DecodeError("not a readable image")
     return img
 
 
@@ -105,63 +110,24 @@ def decode_image(data: bytes, size, reduced: bool = True, out: np.ndarray | None
 
 def decode_rgb(data: bytes, min_hw: tuple[int, int] | None = None, reduced: bool = True,
                orient: bool = False) -> np.ndarray:
-    """JPEG/PNG bytes -> uint8 (h, w, 3) RGB at native size, or reduced (1/2, 1/4, 1/8) while it
-    still covers ``min_hw``; the caller resizes to the exact size it needs with :func:`resize_to`."""
+    """Encoded image bytes -> uint8 (h, w, 3) RGB at native size, or reduced (1/2, 1/4, 1/8) while it
+    still covers ``min_hw``; the caller resizes to the exact size it needs with :func:`resize_to`.
+
+    The one full-image decoder (training, ``segdist predict``, eval, export). ``orient`` applies EXIF
+    orientation: shards have it applied at build time, user files do not. Raises
+    :class:`DecodeError` (a UserError; ``.reason`` in words) for bytes that are not a readable image.
+    """
     img = _imdecode(data, min_hw, reduced, orient)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if _RGB is None else img
-
-
-def resize_to(img: np.ndarray, hw: tuple[int, int], out: np.ndarray | None = None,
-              nearest: bool = False) -> np.ndarray:
-    """uint8 (h, w[, C]) -> (H, W[, C]), written straight into ``out`` (a batch row) when given.
-
-    The one resize rule of images (train, eval, predict): area averaging only where aliasing
-    would show (>= 2x down on both axes); below that bilinear, 3x cheaper and what the classic
-    loader uses too. ``nearest`` for masks: class ids stay ids.
-    """
-    h, w = hw
-    if nearest:
-        interp = cv2.INTER_NEAREST
-    else:
-        interp = cv2.INTER_AREA if img.shape[0] >= 2 * h and img.shape[1] >= 2 * w else cv2.INTER_LINEAR
-    if img.shape[:2] == (h, w) and out is None:
-        return img
-    r = cv2.resize(img, (w, h), dst=out, interpolation=interp)
-    if out is not None and r.ctypes.data != out.ctypes.data:  # OpenCV allocated instead (``out`` not contiguous)
-        out[...] = r
-        return out
-    return r
-
-
-def resize_square(img: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
-    """:func:`resize_to` a (size, size) square."""
-    return resize_to(img, (size, size), out)
-
-
-RESIZE_MODES = ("squash", "short_side", "none")
-"""How a sample becomes a batch row (``data.resize``): squash to the size; keep the aspect and
-resize the short side to ``data.short_side``; or keep the native resolution. The last two then
-crop (random in training, centred in validation) or pad to ``data.image_size``."""
-
-
-def scaled_size(mode: str, h: int, w: int, image_hw: tuple[int, int], short_side: int = 0,
-                scale: float = 1.0) -> tuple[int, int]:
-    """The (H', W') an (h, w) image is resized to before any crop or pad, in resize ``mode``.
-
-    ``squash``: ``image_hw``. ``short_side``: the short side becomes ``short_side`` (0: the short
-    side of ``image_hw``) times ``scale``. ``none``: native times ``scale``. ``scale`` is the
-    random resize of training (1 in validation and inference).
-    """
-    if mode == "squash":
-        return image_hw
-    f = scale * ((short_side or min(image_hw)) / min(h, w) if mode == "short_side" else 1.0)
-    return max(1, round(h * f)), max(1, round(w * f))
 
 
 def decode_mask(data: bytes, size=None) -> np.ndarray:
     """8-bit index PNG bytes -> uint8 (H, W) class ids, nearest-resized to ``size`` (S or (H, W);
     None: native size)."""
-    m = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        m = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:  # empty bytes, or a header OpenCV refuses
+        m = None
     if m is None or m.ndim != 2:
         raise UserError("a mask in the shards is not a 1-channel index PNG; rebuild with `segdist shards build`")
     return m if size is None else resize_to(m, as_hw(size), nearest=True)
@@ -236,10 +202,7 @@ def _decode_rows(jpegs: list[bytes], device: torch.device, stats: dict | None) -
         try:
             out.append(_decode_jpegs([d], device)[0])
         except RuntimeError:
-            img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-            if img is None:
-                raise UserError("cannot decode an image in the shards; run `segdist shards verify`") from None
-            out.append(torch.from_numpy(cv2.cvtColor(img, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).to(device))
+            out.append(torch.from_numpy(decode_rgb(raw, reduced=False)).permute(2, 0, 1).to(device))
             if stats is not None:
                 stats["decode_fallbacks"] = stats.get("decode_fallbacks", 0) + 1
     return out
@@ -250,16 +213,13 @@ def to_device(batch: dict, device: torch.device | str, stats: dict | None = None
 
     uint8 crosses the bus (4x less than float32); conversion happens on the device. Rows that
     arrive as JPEG bytes (``data.decode=device``) are decoded there with torchvision (nvJPEG
-    on CUDA) and resized with antialiasing; ``stats`` counts the ones that needed the CPU.
+    on CUDA) and resized by the one rule in one batched step (:func:`segdist.resize.resize_batch`);
+    ``stats`` counts the ones that needed the CPU.
     """
     device = torch.device(device)
     image = batch["image"].to(device, non_blocking=True)
     mask = batch["mask"].to(device, non_blocking=True)
     rows = [i for i, j in enumerate(batch.get("jpeg") or []) if j is not None]
     if rows:
-        size = image.shape[-2:]
-        for i, img in zip(rows, _decode_rows([batch["jpeg"][i] for i in rows], device, stats)):
-            img = torch.nn.functional.interpolate(img[None].float(), size=size, mode="bilinear",
-                                                  antialias=True, align_corners=False)
-            image[i] = img[0].round_().clamp_(0, 255).to(torch.uint8)
+        image[rows] = resize_batch(_decode_rows([batch["jpeg"][i] for i in rows], device, stats), image.shape[-2:])
     return image, mask

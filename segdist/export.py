@@ -37,7 +37,7 @@ from torch import nn
 from .atomic import atomic_write_bytes, atomic_write_text, check_out_file
 from .augment import normalize
 from .checkpoint import read_meta
-from .decode import as_hw
+from .resize import as_hw
 from .errors import UserError
 from .infer import network_input
 from .metrics import logits_to_pred

@@ -47,7 +47,9 @@ import torch.nn.functional as F
 from .atomic import atomic_write_bytes, check_out_dir
 from .augment import normalize
 from .checkpoint import read_meta
-from .decode import RESIZE_MODES, as_hw, decode_rgb, resize_to, scaled_size
+from .config import RESIZE_MODES
+from .decode import decode_rgb
+from .resize import as_hw, resize_to, scaled_size
 from .errors import UserError
 from .models import load_model
 from .shards import IMAGE_EXTS, open_shards

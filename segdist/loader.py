@@ -26,7 +26,7 @@ import torch
 from .errors import UserError
 from .stream import ShardStream, to_batch
 
-__all__ = ["Loader", "EpochBatches", "OneEpoch", "make_loader", "check_shared_memory"]
+__all__ = ["Loader", "EpochBatches", "OneEpoch", "check_shared_memory"]
 
 class _Stop(Exception):
     pass
@@ -337,17 +337,3 @@ class OneEpoch:
         with Loader(self.stream, start_epoch=self.epoch, end_epoch=self.epoch + 1, start_batch=self.start_batch,
                     **self.loader_kw) as loader:
             yield from loader.epoch(self.epoch)
-
-
-def make_loader(urls: list[str], sizes: list[int], *, batch_size: int, image_size: int, train: bool,
-                num_workers: int = 0, pin_memory: bool | None = None, epoch: int = 0, start_batch: int = 0,
-                prefetch: int = 4, start_method: str | None = None, **stream_kw) -> OneEpoch:
-    """One epoch of one rank's batches (``len()`` known up front); workers live for the epoch.
-
-    Training over many epochs uses :class:`Loader` directly so its workers persist.
-    """
-    stream = ShardStream(urls, sizes, batch_size=batch_size, image_size=image_size, train=train,
-                         num_workers=num_workers, **stream_kw)
-    return OneEpoch(stream, epoch, start_batch, pin_memory=pin_memory, prefetch=prefetch,
-                    start_method=start_method)
-

@@ -57,9 +57,22 @@ def keys_of(loader) -> list[str]:
     return [k for b in loader for k in b["key"]]
 
 
+def make_loader(urls: list[str], sizes: list[int], *, batch_size: int, image_size: int, train: bool,
+                num_workers: int = 0, pin_memory: bool | None = None, epoch: int = 0, start_batch: int = 0,
+                prefetch: int = 4, start_method: str | None = None, **stream_kw):
+    """One epoch of one rank's batches (``len()`` known up front) from a :class:`ShardStream` over ``urls``;
+    the workers live for the epoch (training uses :class:`segdist.loader.Loader` over many epochs)."""
+    from segdist.loader import OneEpoch
+    from segdist.stream import ShardStream
+
+    stream = ShardStream(urls, sizes, batch_size=batch_size, image_size=image_size, train=train,
+                         num_workers=num_workers, **stream_kw)
+    return OneEpoch(stream, epoch, start_batch, pin_memory=pin_memory, prefetch=prefetch,
+                    start_method=start_method)
+
+
 def rank_loader(shards, rank, world, workers, train, **kw):
     """One epoch of one rank's batches from the test shard set (32 px, batch 2)."""
-    from segdist.loader import make_loader
     from segdist.shards import open_shards
 
     urls, sizes = open_shards(str(shards)).split("train" if train else "val")

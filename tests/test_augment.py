@@ -15,9 +15,17 @@ import torch
 import torch.nn.functional as F
 
 from segdist import IGNORE_INDEX
-from segdist.augment import DeviceAugment, build_ops, denormalize, normalize
+from segdist.augment import DeviceAugment, build_ops, normalize
 from segdist.config import AugmentConfig
 from segdist.errors import UserError
+
+
+def denormalize(image: torch.Tensor, mean, std) -> torch.Tensor:
+    """Inverse of ``normalize``: float (B, C, H, W) or (C, H, W) -> uint8 [0, 255]."""
+    shape = (-1, 1, 1)
+    m, s = torch.tensor(mean).view(shape).to(image.device), torch.tensor(std).view(shape).to(image.device)
+    return (image.float() * s + m).clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+
 
 # Sparse ids on purpose: a blended (bilinear) mask would produce values outside this set.
 PALETTE = {0: (128, 128, 128), 3: (230, 30, 30), 17: (30, 200, 40), 42: (40, 60, 220),

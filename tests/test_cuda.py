@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 def test_device_decode_under_queued_work_equals_cpu_decode(tmp_path):
     from segdist.decode import to_device
-    from segdist.loader import make_loader
+    from tests.shardutil import make_loader
     from segdist.shards import open_shards
 
     jpg = write_shards(tmp_path, {"val": [16]}, size=256, ext="jpg")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from segdist.loader import make_loader
+from tests.shardutil import make_loader
 from segdist.shards import open_shards
 from tests.shardutil import write_shards
 

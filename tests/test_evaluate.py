@@ -35,7 +35,7 @@ def photo_shards(tmp_path_factory):
 
 def val_samples(shards) -> list[dict]:
     from segdist.shards import open_shards
-    from segdist.stream import read_samples
+    from segdist.shards import read_samples
 
     urls, sizes = open_shards(str(shards)).split("val")
     return [s for url, n in zip(urls, sizes) for s in read_samples(url, n)]

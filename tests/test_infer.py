@@ -123,7 +123,7 @@ def test_train_eval_and_predict_make_byte_identical_network_input(tmp_path):
     from segdist.augment import DeviceAugment, normalize
     from segdist.config import AugmentConfig
     from segdist.infer import network_input
-    from segdist.loader import make_loader
+    from tests.shardutil import make_loader
 
     photos = sorted((require_dataset(HUMAN_SEG) / "Training_Images").glob("*.jpg"))[:4]
     raw = {f"k{i}": p.read_bytes() for i, p in enumerate(photos)}

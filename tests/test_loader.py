@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from segdist.errors import UserError
-from segdist.loader import Loader, make_loader
+from segdist.loader import Loader
+from tests.shardutil import make_loader
 from segdist.shards import open_shards
 from segdist.stream import ShardStream
 from tests.shardutil import UNEVEN, sample_bytes, write_shards

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from segdist.errors import UserError
-from segdist.loader import make_loader
+from tests.shardutil import make_loader
 from segdist.shards import open_shards
 from segdist.stream import ShardStream, batches_per_epoch, plan_epoch, shuffle
 from tests.shardutil import UNEVEN, keys_of, rank_loader, sample_bytes

@@ -192,7 +192,7 @@ def test_resume_auto_skips_torn_states(tmp_path):
 def test_a_resume_keeps_the_seed_and_carries_the_epoch_into_another_layout(tmp_path):
     import dataclasses
 
-    from segdist.train import Loop, elastic
+    from segdist.resume import Loop, elastic
 
     plan = {"world_size": 2, "num_workers": 2, "batch_size": 8, "accumulate": 1, "seed": 0, "stream": 2}
     saved = Loop(epoch=3, batch=5, step=40, plan=dict(plan))

@@ -4,13 +4,14 @@
 * ``decode`` (:mod:`.decode`): JPEG decoders on the same shard bytes.
 * ``train`` (:mod:`.train`): the course's training loop vs segdist's training step.
 
-:mod:`.common` holds what they share (timing, RSS and CPU accounting, the course loader, the
-shards built from the source CSV); :mod:`.cli` the sub-commands.
+:mod:`.common` holds what they share (timing, RSS and CPU accounting, the shards built from the
+source CSV); :mod:`.course` the course's own loader and loop, the baseline, apart from segdist's
+code; :mod:`.cli` the sub-commands.
 """
 
 from .cli import add_cli
-from .common import (BenchArgs, OtherCpu, PeakRss, Timing, build_bench_shards, course_loader, read_course_csv,
-                     source_csv, time_epochs, tree_rss)
+from .common import BenchArgs, OtherCpu, PeakRss, Timing, build_bench_shards, source_csv, time_epochs, tree_rss
+from .course import course_loader, read_course_csv
 from .data import run_data_bench
 from .decode import run_decode_bench
 from .train import TrainArgs, minor_faults, run_train_bench

@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 from ..shards import open_shards
-from .common import DEFAULT_SOURCE, BenchArgs, build_bench_shards, check_args, read_course_csv, source_csv
+from .common import DEFAULT_SOURCE, BenchArgs, build_bench_shards, check_args, source_csv
+from .course import read_course_csv
 from .data import format_table, run_data_bench
 from .decode import format_decode_table, run_decode_bench
 from .train import MALLOC_SETTINGS, TrainArgs, format_train_table, run_train_bench

@@ -1,5 +1,5 @@
-"""What every benchmark shares: timing, RSS and CPU accounting, the course loader, the source CSV and
-the shards built from it, the machine's description, the shared options."""
+"""What every benchmark shares: timing, RSS and CPU accounting, the source CSV and the shards built from
+it, the machine's description, the shared options. The course's own code is in :mod:`.course`."""
 
 from __future__ import annotations
 
@@ -11,11 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
-import numpy as np
 import psutil
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
 
@@ -140,65 +136,6 @@ def time_epochs(make_epoch: Callable[[int], Iterable], count: Callable[[object],
             if elapsed >= min_seconds and images > 0:
                 break
     return Timing(images, elapsed, epochs, rss.mb, other.cpus)
-
-
-# ----------------------------------------------------------------------------- course loader
-def read_course_csv(csv_path: Path, limit: int = 0) -> list[tuple[str, str]]:
-    """(image path, mask path) rows of a course-style CSV (``images,masks``, relative paths)."""
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"images", "masks"} <= set(reader.fieldnames):
-            raise UserError(f"{csv_path} needs 'images' and 'masks' columns (the course's train.csv format); "
-                            f"has {reader.fieldnames}")
-        root = csv_path.parent
-        rows = [(str(root / (r["images"] or "")), str(root / (r["masks"] or ""))) for r in reader]
-    rows = rows[:limit] if limit else rows
-    if not rows:
-        raise UserError(f"{csv_path} lists no samples")
-    # Both loops must read the same images: a row only one of them could read would skew the comparison.
-    check_listed_files(csv_path, rows, " (paths are relative to the CSV's folder); fix the CSV or pass --limit "
-                                       "to bench its first rows")
-    return rows
-
-
-def check_listed_files(csv_path: Path, rows: list[tuple[str, str]], fix: str) -> None:
-    """Every image and mask path in ``rows`` is a file; else a UserError counting the missing ones, then ``fix``."""
-    missing = [p for row in rows for p in row if not Path(p).is_file()]
-    if missing:
-        raise UserError(f"{csv_path}: {len(missing)} listed file(s) not found, e.g. '{missing[0]}'{fix}")
-
-
-class CourseDataset(Dataset):
-    """The course's ``SegmentationDataset``: image (3, S, S) float32 in [0, 1], mask (1, S, S) float32 {0, 1}."""
-
-    def __init__(self, rows: list[tuple[str, str]], augmentations):
-        self.rows, self.augmentations = rows, augmentations
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, idx: int):
-        image_path, mask_path = self.rows[idx]
-        image = cv2.imread(image_path)
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        mask = cv2.imread(mask_path, cv2.IMREAD_GRAYSCALE)  # (h, w)
-        mask = np.expand_dims(mask, axis=-1)  # (h, w, 1)
-        data = self.augmentations(image=image, mask=mask)
-        image, mask = data["image"], data["mask"]
-        image = np.transpose(image, (2, 0, 1)).astype(np.float32)
-        mask = np.transpose(mask, (2, 0, 1)).astype(np.float32)
-        return torch.Tensor(image) / 255.0, torch.round(torch.Tensor(mask) / 255.0)
-
-
-def course_loader(rows: list[tuple[str, str]], size: int, batch: int, workers: int) -> DataLoader:
-    import albumentations as A
-
-    # is_check_shapes=False: 198 of the 290 masks are stored smaller than their image; Resize fixes both.
-    # Workers inherit cv2.setNumThreads(1) from segdist.decode's import; on 2 cores the course measured
-    # the same with OpenCV's default threads (~415-420 img/s either way), so this costs it nothing.
-    augs = A.Compose([A.Resize(size, size), A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)],
-                     is_check_shapes=False)
-    return DataLoader(CourseDataset(rows, augs), batch_size=batch, shuffle=True, num_workers=workers)
 
 
 # ----------------------------------------------------------------------------- shards

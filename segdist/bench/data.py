@@ -31,10 +31,11 @@ import torch
 
 from ..decode import decode_image, decode_mask
 from ..loader import Loader
-from ..shards import open_shards
-from ..stream import ShardStream, read_samples
-from .common import (MB, BenchArgs, OtherCpu, PeakRss, Timing, build_bench_shards, check_args, course_loader, cpu_model,
-                     read_course_csv, repeated, source_csv, time_epochs, tree_rss)
+from ..shards import image_bytes, mask_bytes, open_shards, read_samples
+from ..stream import ShardStream
+from .common import (MB, BenchArgs, OtherCpu, PeakRss, Timing, build_bench_shards, check_args, cpu_model, repeated,
+                     source_csv, time_epochs, tree_rss)
+from .course import course_loader, read_course_csv
 
 
 
@@ -42,9 +43,8 @@ from .common import (MB, BenchArgs, OtherCpu, PeakRss, Timing, build_bench_shard
 # ----------------------------------------------------------------------------- decode limit
 def decode_sample(sample: dict, size: int, reduced: bool) -> None:
     """The stream's decode calls for one sample, results dropped."""
-    key = "image.jpg" if "image.jpg" in sample else "image.png"
-    decode_image(sample[key], size, reduced)
-    decode_mask(sample["mask.png"], size)
+    decode_image(image_bytes(sample), size, reduced)
+    decode_mask(mask_bytes(sample), size)
 
 
 def _decode_for(task: tuple[list[str], int, int, bool, float]) -> tuple[int, float]:

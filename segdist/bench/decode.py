@@ -8,9 +8,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..decode import decode_image, resize_square
+from ..decode import decode_image
+from ..resize import resize_to
 from ..errors import UserError
-from ..stream import read_samples
+from ..shards import read_samples
 from .common import cpu_model
 
 
@@ -32,20 +33,20 @@ def _pil_draft(data: bytes, size: int) -> np.ndarray:
 
     im = Image.open(io.BytesIO(data))
     im.draft("RGB", (size, size))  # libjpeg DCT scaling, keeps both sides >= size
-    return resize_square(np.asarray(im.convert("RGB")), size)
+    return resize_to(np.asarray(im.convert("RGB")), (size, size))
 
 
 def _torchvision(data: bytes, size: int) -> np.ndarray:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    return resize_square(img.permute(1, 2, 0).numpy(), size)
+    return resize_to(img.permute(1, 2, 0).numpy(), (size, size))
 
 
 def _simplejpeg(data: bytes, size: int) -> np.ndarray:
     import simplejpeg
 
-    return resize_square(simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size, min_width=size), size)
+    return resize_to(simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size, min_width=size), (size, size))
 
 
 DECODERS: dict[str, Callable[[bytes, int], np.ndarray]] = {

@@ -39,8 +39,8 @@ import torch
 
 from ..errors import UserError
 from ..shards import open_shards
-from .common import (BenchArgs, OtherCpu, PeakRss, build_bench_shards, check_args, course_loader, cpu_model,
-                     read_course_csv, source_csv)
+from .common import BenchArgs, OtherCpu, PeakRss, build_bench_shards, check_args, cpu_model, source_csv
+from .course import course_stepper, read_course_csv
 from .data import stream_epochs
 
 
@@ -88,36 +88,6 @@ class TrainArgs(BenchArgs):
     """Where both loops train: ``cpu`` or ``cuda`` (the current CUDA device)."""
     decode: str = "cpu"
     """segdist's JPEG decoding: ``cpu`` (loader workers) or ``device`` (nvJPEG on the GPU, ``data.decode``)."""
-
-
-def _course_stepper(args: TrainArgs, rows: list, urls: list, sizes: list, stack: contextlib.ExitStack):
-    """The course's loop, as the course writes it: Unet + Dice(binary) + BCEWithLogits, Adam(3e-3),
-    float batches from ``course_loader`` (a new DataLoader iterator every epoch)."""
-    import segmentation_models_pytorch as smp
-
-    device = torch.device(args.device)
-    model = smp.Unet(encoder_name="tu-efficientnet_lite0", encoder_weights=None, in_channels=3, classes=1,
-                     activation=None).to(device)
-    dice, bce = smp.losses.DiceLoss(mode="binary"), torch.nn.BCEWithLogitsLoss()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    loader = course_loader(rows, args.size, args.batch, args.workers)
-    batches = (b for _ in itertools.count() for b in loader)  # epochs forever, a new iterator each
-    model.train()
-
-    def step() -> float:
-        t0 = time.perf_counter()
-        images, masks = next(batches)
-        wait = time.perf_counter() - t0
-        images, masks = images.to(device), masks.to(device)
-        optimizer.zero_grad()
-        logits = model(images)
-        loss = dice(logits, masks) + bce(logits, masks)
-        loss.backward()
-        optimizer.step()
-        loss.item()  # the course sums loss.item() per batch
-        return wait
-
-    return step
 
 
 def _segdist_stepper(args: TrainArgs, rows: list, urls: list, sizes: list, stack: contextlib.ExitStack):
@@ -168,7 +138,7 @@ COURSE_AUGMENT_KW = {"hflip": 0.5, "vflip": 0.5, "crop_p": 0.0, "color_p": 0.0}
 both loops train the same recipe; segdist's default crop + colour jitter cost ~0.8 s per 16-image batch on
 one CPU thread (the colour jitter's HSV round trip most of it), which is recipe, not step speed."""
 
-LOOPS = {"course": _course_stepper, "segdist": _segdist_stepper}
+LOOPS = {"course": course_stepper, "segdist": _segdist_stepper}
 """Training loops ``segdist bench train`` compares: (args, rows, urls, sizes, exit stack) -> step() -> data-wait s."""
 
 MALLOC_SETTINGS = {"default": "no MALLOC_* variables: the course on glibc's defaults, segdist as shipped "
