@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from .errors import REQUEUE_EXIT, Paused, UserError
+from .errors import REQUEUE_EXIT, Paused, UserError, disk_full_reason, os_error_line
 
 
 # ----------------------------------------------------------------------------- synth
@@ -226,6 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `segdist shards info DIR | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception as e:
+        # The net under every writer: a full disk or an unwritable folder is the machine's state, not a bug.
+        line = os_error_line(e) if isinstance(e, OSError) else None
+        reason = line or disk_full_reason(e)
+        if reason is None:
+            raise
+        print(f"segdist: error: {line or f'a write failed: {reason}; free space and run the same command again'}",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

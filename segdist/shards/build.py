@@ -16,7 +16,6 @@ import functools
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 from collections import Counter
@@ -28,7 +27,7 @@ import cv2
 import numpy as np
 
 from .. import IGNORE_INDEX, __version__
-from ..atomic import atomic_dir, check_out_dir, sha256_file, shared_mode_dir
+from ..atomic import atomic_dir, check_out_dir, repair_swap, sha256_file, shared_mode_dir
 from ..errors import UserError
 from .discover import Discovery, Pair, _display, _split_rank, assign_splits, discover
 from .labels import Labels, _label_files, decide_labels
@@ -262,14 +261,12 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 def _remove_stale(out: Path) -> list[str]:
-    """Remove temp/old folders that a killed build left beside ``out`` (caller holds the lock)."""
-    removed = []
-    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
-        for stale in out.parent.glob(pattern):
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-                removed.append(stale.name)
-    return removed
+    """Finish or undo what a killed build left beside ``out`` (caller holds the lock): an old copy moved aside
+    with no ``out`` is put back, never deleted before a new one is in place (:func:`repair_swap`)."""
+    notes = repair_swap(out)
+    for note in notes:
+        print(f"segdist: {note}", file=sys.stderr)
+    return notes
 
 
 def _check_out(out: Path, discovery: Discovery, force: bool) -> None:
@@ -343,6 +340,7 @@ def build_shards(src=None, out=None, *, progress: bool = True, **options) -> dic
     o = BuildOptions(**options)
     out = Path(out)
     check_out_dir(out)  # a file in the way or no write access: one message now, not an OSError later
+    early = _remove_stale(out)  # now, not only under the lock: a build that fails early still gives the old shards back
     workers = default_workers() if not o.workers or o.workers < 1 else o.workers
     names, palette_table, palette_names = _label_files(o.classes, o.palette)
     n_colours = len([1 for _, i in palette_table if i != IGNORE_INDEX])
@@ -363,12 +361,12 @@ def build_shards(src=None, out=None, *, progress: bool = True, **options) -> dic
     if workers > 1:
         _import_in_background("webdataset")
     with _build_lock(out), _mapper(workers, len(pairs)) as pmap:
-        stale = _remove_stale(out)
+        stale = early + _remove_stale(out)
         needs_scan = names is None and not palette_table and o.mask_threshold is None
         values = _scan_values(pmap, pairs, opts, progress, found.root) if needs_scan else None
         labels = decide_labels(names, palette_names, n_colours, values, o.void, o.mask_threshold)
         opts = dataclasses.replace(opts, value_map=labels.value_map)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, then="run the build again") as tmp:
             shared_mode_dir(tmp)  # shards are usually shared
             manifest = _write_shards(tmp, pmap, pairs, opts, labels, found, o.samples_per_shard, o.shard_size_mb,
                                      o.on_error, progress)
