@@ -20,9 +20,10 @@ import shutil
 from pathlib import Path
 
 import safetensors.torch
+import torch
 
-from .atomic import atomic_dir, atomic_write_text, sha256_file
-from .errors import UserError
+from .atomic import atomic_dir, atomic_write_text, glob_escape, repair_swap, sha256_file
+from .errors import UserError, disk_full, disk_full_reason, limit_reason
 
 
 class DamagedState(UserError):
@@ -36,25 +37,36 @@ FILES_FILE = "files.json"
 META_FILE = "segdist.json"
 
 
+RESUME_HINT = "run the same command with train.resume=auto"
+
+
 def save_state(accelerator, states_dir: Path, step: int, loop: dict, keep_last: int,
-               extras: dict | None = None) -> Path:
+               extras: dict | None = None, records: dict | None = None) -> Path:
     """All ranks call this together (save_state writes per-rank RNG files).
 
     ``extras`` (name -> module, e.g. the EMA model) go to ``<name>.safetensors``: accelerate's
     ``register_for_checkpointing`` would pickle them and load with ``weights_only=False``.
+    ``records`` (name -> JSON-able, e.g. the dataset fingerprint) go to ``<name>.json``, hashed in
+    ``files.json`` like the rest. A failed write on any rank (a full disk: :class:`DiskFull`) removes
+    the temp folder on every rank together; the previous states stay as they were.
     """
     final = states_dir / f"step-{step:08d}"
     tmp = states_dir / f".tmp-step-{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+
+    def begin() -> None:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+    def finish() -> None:
+        if not main:
+            return
         for name, module in (extras or {}).items():
             safetensors.torch.save_file({k: v.contiguous() for k, v in module.state_dict().items()},
                                         str(tmp / f"{name}.safetensors"))
+        for name, record in (records or {}).items():
+            atomic_write_text(tmp / f"{name}.json", json.dumps(record, indent=1))
         files = {p.name: [p.stat().st_size, sha256_file(p)] for p in sorted(tmp.iterdir()) if p.is_file()}
         atomic_write_text(tmp / FILES_FILE, json.dumps(files, indent=1))
         atomic_write_text(tmp / LOOP_FILE, json.dumps(loop, indent=1))  # last: it marks the state complete
@@ -63,8 +75,34 @@ def save_state(accelerator, states_dir: Path, step: int, loop: dict, keep_last: 
         tmp.rename(final)
         for old in list_states(states_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+
+    for part in (begin, lambda: accelerator.save_state(str(tmp), safe_serialization=True), finish):
+        _on_every_rank(accelerator, part, tmp, final)
     return final
+
+
+def _on_every_rank(accelerator, part, tmp: Path, final: Path) -> None:
+    """Run one part of a state save on this rank; if it failed on any rank, all remove the temp folder and stop
+    together (one rank alone would leave the others waiting in the next collective)."""
+    error = None
+    try:
+        part()
+    except Exception as e:  # noqa: BLE001 -- judged below: a full disk is the user's, anything else re-raised
+        error = e
+    failed = error is not None
+    if accelerator.num_processes > 1:  # also the barrier between the parts
+        flag = torch.tensor([float(failed)], device=accelerator.device)
+        failed = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    if not failed:
+        return
+    reason = (disk_full_reason(error) or limit_reason(tmp)) if error is not None else None
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if error is not None and reason is None:
+        raise error
+    if error is None:
+        raise UserError(f"saving state {final} failed on another process (its message says why)")
+    raise disk_full(final, reason, RESUME_HINT)
 
 
 def list_states(states_dir: Path) -> list[Path]:
@@ -144,14 +182,34 @@ def load_state(accelerator, path: Path, extras: dict | None = None) -> dict:
 
 
 def save_model(model, out: Path, meta: dict) -> None:
-    """SMP ``save_pretrained`` + ``segdist.json``, swapped into ``out`` atomically (main process only)."""
-    with atomic_dir(out) as tmp:
+    """SMP ``save_pretrained`` + ``segdist.json``, swapped into ``out`` atomically (main process only); a full
+    disk leaves the previous ``out`` as it was (:class:`DiskFull`)."""
+    with atomic_dir(out, then=RESUME_HINT) as tmp:
         model.save_pretrained(str(tmp))
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1))
 
 
+def read_record(state: Path, name: str) -> dict | None:
+    """Record ``name`` saved in ``state`` by :func:`save_state` (``<name>.json``); None in states saved before
+    it was recorded; a torn or foreign one is a DamagedState."""
+    path = Path(state) / f"{name}.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DamagedState(f"state {state} is damaged: {path.name} is unreadable ({e})") from None
+    if not isinstance(record, dict):
+        raise DamagedState(f"state {state} is damaged: {path.name} holds {type(record).__name__}, not a record")
+    return record
+
+
 def read_meta(ckpt_dir: str | Path) -> dict:
     path = Path(ckpt_dir) / META_FILE
+    if not Path(ckpt_dir).exists() and interrupted_swap(Path(ckpt_dir)):
+        raise UserError(f"'{ckpt_dir}' is missing: a save into it was killed between its two renames, and its "
+                        f"previous copy is beside it; any `segdist train ... train.resume=auto` of the run puts it "
+                        f"back, or rename {interrupted_swap(Path(ckpt_dir))} to {Path(ckpt_dir).name}")
     if not path.is_file():
         raise UserError(f"'{ckpt_dir}' is not a segdist model folder (no {META_FILE}); "
                         f"pass runs/<name>/best or runs/<name>/last")
@@ -163,3 +221,15 @@ def read_meta(ckpt_dir: str | Path) -> dict:
     if not isinstance(meta, dict):
         raise UserError(f"{path} holds {type(meta).__name__}, not a segdist model description; the folder is damaged")
     return meta
+
+
+def interrupted_swap(folder: Path) -> str:
+    """The name of the copy of ``folder`` that a killed swap left beside it (``.<name>.old-<pid>``), or ""."""
+    olds = sorted(folder.parent.glob(f".{glob_escape(folder.name)}.old-*")) if folder.parent.is_dir() else []
+    return olds[-1].name if olds else ""
+
+
+def repair_run_folder(run_dir: Path) -> list[str]:
+    """Finish or undo a save of ``best/`` or ``last/`` that a killed run left half done (see
+    :func:`~segdist.atomic.repair_swap`); returns what was done. The caller holds the run folder's lock."""
+    return [note for name in ("best", "last") for note in repair_swap(run_dir / name)]

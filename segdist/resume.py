@@ -5,7 +5,8 @@ picks the state to continue from (``train.resume=auto``: the newest undamaged on
 damaged ones on every rank together), or starts at step 0 in a folder without a previous run
 (a rerun into one is refused unless ``train.overwrite`` says so). :func:`elastic` lets a resume
 use another world size, worker count or batch size; :func:`rescored` restarts the best-model
-comparison when the way val is scored changed.
+comparison when the way val is scored changed; :func:`same_data` refuses a resume onto other data
+(another dataset fingerprint) unless ``train.allow_new_data`` says so, and never onto other classes.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import DamagedState, find_resume, list_states, load_state, read_loop, torn_states
+from .checkpoint import DamagedState, find_resume, list_states, load_state, read_loop, read_record, torn_states
 from .config import Config
 from .distributed import agree
 from .errors import UserError
+from .shards.fingerprint import class_changes, data_changes
 from .stream import PLAN_KEYS
 
-__all__ = ["Loop", "STREAM_VERSION", "elastic", "rescored", "resume_or_start", "scored_at", "start_fresh"]
+__all__ = ["Loop", "STREAM_VERSION", "elastic", "rescored", "resume_or_start", "same_data", "scored_at",
+           "start_fresh"]
 
 STREAM_VERSION = 2
 """Sample-order version in the resume plan; 2 = take before shuffle (older states resume differently)."""
@@ -42,11 +45,12 @@ class Loop:
     carry: list = field(default_factory=list)  # earlier runs in this epoch with other plans (elastic resume)
 
 
-def resume_or_start(cfg: Config, acc, run_dir: Path, extras: dict, log) -> Loop:
+def resume_or_start(cfg: Config, acc, run_dir: Path, extras: dict, log, dataset: dict | None = None) -> Loop:
     """The newest undamaged state when resuming (model, optimiser, scheduler, scaler, RNG, position,
     and ``extras`` such as the EMA weights), else step 0 in a run folder that holds no previous run.
     ``train.resume=auto`` falls back past damaged states, saying so; ``log`` (the run's
-    :class:`~segdist.track.RunLog`) drops what a killed run logged after the state it resumes."""
+    :class:`~segdist.track.RunLog`) drops what a killed run logged after the state it resumes.
+    ``dataset`` (this run's fingerprint) must match the state's, see :func:`same_data`."""
     states_dir = run_dir / "states"
     # The sample plan depends on these; a resume must see the same ones to continue exactly.
     plan = {"world_size": acc.num_processes, "num_workers": cfg.data.num_workers, "batch_size": cfg.data.batch_size,
@@ -57,6 +61,7 @@ def resume_or_start(cfg: Config, acc, run_dir: Path, extras: dict, log) -> Loop:
     for path in candidates:
         try:
             elastic(as_loop(read_loop(path), path), plan, path, lambda _: None)  # a changed seed: refused first
+            new_data = same_data(read_record(path, "dataset"), dataset, path, cfg.train.allow_new_data, acc.print)
             loop, failed = as_loop(load_state(acc, path, extras), path), ""
         except DamagedState as e:
             loop, failed = None, str(e)
@@ -65,6 +70,8 @@ def resume_or_start(cfg: Config, acc, run_dir: Path, extras: dict, log) -> Loop:
             if acc.is_main_process:
                 log.truncate_after(loop.step)  # drop what the killed run logged after this state
             acc.print(f"resumed from {path}: epoch {loop.epoch}, batch {loop.batch}, step {loop.step}")
+            if new_data:  # scores on other val data are not comparable: the next evaluation sets best/ anew
+                loop = dataclasses.replace(loop, best_iou=-1.0)
             return elastic(rescored(loop, cfg, acc.print), plan, path, acc.print)
         if cfg.train.resume != "auto":
             raise UserError(failed or f"state {path} is damaged on another process")
@@ -74,6 +81,29 @@ def resume_or_start(cfg: Config, acc, run_dir: Path, extras: dict, log) -> Loop:
                         f"train.overwrite=true or choose another train.name")
     start_fresh(run_dir, acc, cfg.train.overwrite)
     return Loop(plan=plan)
+
+
+def same_data(saved: dict | None, current: dict | None, path: Path, allow_new: bool, say) -> bool:
+    """Whether the resume from ``path`` continues on other data than its state was trained on (fingerprints
+    ``saved`` vs ``current``). Another class table is refused (the model's head is made for its classes);
+    other shards are refused unless ``allow_new`` (``train.allow_new_data``), then said and True is returned."""
+    if saved is None or current is None:
+        return False  # a state from before fingerprints were recorded: nothing to compare
+    classes = class_changes(saved, current)
+    if classes:
+        raise UserError(f"cannot resume from {path}: the class table changed ({'; '.join(classes)}); a model cannot "
+                        f"change its classes mid-run: start a new run (train.name=...) and fine-tune with "
+                        f"model.pretrained={path / 'model.safetensors'}")
+    if saved["digest"] == current["digest"]:
+        return False
+    changes = "; ".join(data_changes(saved, current)) or "shard identities differ"
+    if not allow_new:
+        raise UserError(f"cannot resume from {path}: the dataset changed since it was saved ({changes}); point "
+                        f"data.shards at the data it was trained on, pass train.allow_new_data=true to continue on "
+                        f"this data (best/ is then chosen anew), or start a new run (train.name=...)")
+    say(f"train.allow_new_data=true: continuing on changed data ({changes}); best IoU tracking restarts: the next "
+        f"evaluation replaces best/")
+    return True
 
 
 def scored_at(cfg: Config) -> str:

@@ -1,8 +1,9 @@
 """The training loop: a plain PyTorch loop under Accelerate, like nanoGPT and Accelerate's examples.
 
-``run(cfg)`` reads top to bottom: :func:`setup` builds everything, :func:`resume_or_start`
-finds where to begin, then ``for epoch:`` calls :func:`train_one_epoch` and
-:func:`evaluate_and_save`, logs, and saves a resumable state. Each helper returns what it
+``run(cfg)`` reads top to bottom: :func:`setup` takes the run folder (its lock) and builds
+everything without writing, :func:`resume_or_start` finds where to begin (or refuses, leaving the
+folder as it was), :func:`open_run` writes the config, then ``for epoch:`` calls
+:func:`train_one_epoch` and :func:`evaluate_and_save`, logs, and saves a resumable state. Each helper returns what it
 changed (a new :class:`Loop`); nothing is mutated behind the caller's back.
 """
 
@@ -21,7 +22,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .augment import DeviceAugment
-from .checkpoint import save_model, save_state
+from .checkpoint import repair_run_folder, save_model, save_state
 from .config import Config, save_config
 from .decode import to_device
 from .distributed import StopSignal, agree, make_accelerator, sync_buffers
@@ -33,7 +34,9 @@ from .losses import check_loss_config, class_weights, create_loss
 from .models import check_model_config, create_model
 from .optim import EMA, check_optim_config, create_optimizer, create_scheduler
 from .shards import ShardSet, open_shards
+from .shards.fingerprint import check_disjoint, class_table, fingerprint, summary
 from .resume import Loop, resume_or_start, scored_at
+from .runlock import hold_run_folder
 from .stream import ShardStream, batches_per_epoch
 from .track import RunLog, init_trackers, overlay_grid, plot_confusion, plot_curves, tracker_names
 
@@ -58,6 +61,7 @@ class Trainer:
     eval_aug: DeviceAugment
     log: RunLog
     steps_per_epoch: int
+    dataset: dict = dataclasses.field(default_factory=dict)  # the shard set's fingerprint, saved in every state
 
     @property
     def states_dir(self) -> Path:
@@ -77,9 +81,17 @@ class Trainer:
 # ------------------------------------------------------------------------------ the run
 def run(cfg: Config) -> dict:
     """Train ``cfg``; returns the last evaluation's metrics (main and other ranks alike)."""
-    with StopSignal() as stop:  # from here on SIGUSR1/SIGTERM pause the run instead of killing it
-        t = setup(cfg, stop)
-        acc, loop, metrics = t.accelerator, resume_or_start(cfg, t.accelerator, t.run_dir, t.extras, t.log), {}
+    # From here on SIGUSR1/SIGTERM pause the run instead of killing it; `owned` holds the run folder's lock.
+    with StopSignal() as stop, contextlib.ExitStack() as owned:
+        t = setup(cfg, stop, owned)
+        acc, metrics = t.accelerator, {}
+        loop = resume_or_start(cfg, acc, t.run_dir, t.extras, t.log, t.dataset)
+        if loop.epoch >= cfg.train.epochs:  # a finished run started again (a requeue, fewer epochs): say so, no more
+            acc.print(f"{t.run_dir} has finished {loop.epoch} epoch(s) (step {loop.step}) and train.epochs is "
+                      f"{cfg.train.epochs}: nothing to train; raise train.epochs to continue it")
+            acc.end_training()
+            return {}
+        open_run(t)
         acc.print(describe(t))
         # One loader for the whole run: its workers decode on into the next epoch while this one ends.
         with Loader(train_stream(t, loop), start_epoch=loop.epoch, end_epoch=cfg.train.epochs,
@@ -92,7 +104,7 @@ def run(cfg: Config) -> dict:
                     record |= val_record(metrics, t.meta["binary"])
                 t.log.log(record, loop.step)
                 acc.print(summary_line(record))
-                save_state(acc, t.states_dir, loop.step, dataclasses.asdict(loop), cfg.train.keep_last, t.extras)
+                save(t, loop)
                 if acc.is_main_process:
                     plot_curves(t.log.path, t.run_dir / "curves.png")
         acc.end_training()
@@ -143,7 +155,7 @@ def train_one_epoch(t: Trainer, batches, loop: Loop) -> tuple[Loop, dict]:
         if stop:
             pause(t, loop)  # a state at this same step on every rank, then exit for requeue
         if cfg.train.checkpoint_every and loop.step % cfg.train.checkpoint_every == 0 and i + 1 < end:
-            save_state(acc, t.states_dir, loop.step, dataclasses.asdict(loop), cfg.train.keep_last, t.extras)
+            save(t, loop)
     bar.close()
     record = {"event": "epoch", "epoch": loop.epoch + 1, **meter.epoch(acc.num_processes), **device_memory(acc)}
     return dataclasses.replace(loop, epoch=loop.epoch + 1, batch=0, carry=[]), record
@@ -179,8 +191,7 @@ def optimizer_step(t: Trainer, loop: Loop, skip: bool) -> Loop:
 
 def pause(t: Trainer, loop: Loop) -> None:
     """Save a state at this step (all ranks together) and raise :class:`Paused` (exit 75: requeue me)."""
-    path = save_state(t.accelerator, t.states_dir, loop.step, dataclasses.asdict(loop), t.cfg.train.keep_last,
-                      t.extras)
+    path = save(t, loop)
     t.accelerator.end_training()
     why = t.stop.received or "a stop signal on another process"
     raise Paused(f"paused by {why} at step {loop.step} (epoch {loop.epoch}, batch {loop.batch}); state saved in "
@@ -189,12 +200,17 @@ def pause(t: Trainer, loop: Loop) -> None:
 
 def stop_nonfinite(t: Trainer, loop: Loop) -> None:
     """Save the last good weights (all ranks) and stop with a message that names the fixes."""
-    path = save_state(t.accelerator, t.states_dir, loop.step, dataclasses.asdict(loop), t.cfg.train.keep_last,
-                      t.extras)
+    path = save(t, loop)
     t.accelerator.end_training()
     raise UserError(f"loss was non-finite for {loop.nonfinite_run} consecutive steps ({loop.nonfinite} in all); "
                     f"stopped with the last good weights saved in {path}. Lower optim.lr, set optim.grad_clip, "
                     f"or use train.mixed_precision=bf16")
+
+
+def save(t: Trainer, loop: Loop) -> Path:
+    """A resumable state at ``loop`` (all ranks together), with the EMA weights and the dataset fingerprint."""
+    return save_state(t.accelerator, t.states_dir, loop.step, dataclasses.asdict(loop), t.cfg.train.keep_last,
+                      t.extras, {"dataset": t.dataset})
 
 
 def evaluate_and_save(t: Trainer, loop: Loop) -> tuple[dict, float]:
@@ -241,8 +257,9 @@ def full_res_metrics(t: Trainer, model, at_input: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------ set-up
-def setup(cfg: Config, stop: StopSignal) -> Trainer:
-    """Accelerator, shards, model, optimiser, scheduler, EMA, losses, augmentation, logging."""
+def setup(cfg: Config, stop: StopSignal, owned: contextlib.ExitStack) -> Trainer:
+    """The run folder's lock (held until ``owned`` closes), then accelerator, shards, model, optimiser,
+    scheduler, EMA, losses, augmentation, logging. Writes nothing: a refused start leaves the folder as it was."""
     # Names that pick from a registry are checked where the registry lives, before anything is built.
     check_model_config(cfg.model)
     check_loss_config(cfg.loss)
@@ -250,12 +267,14 @@ def setup(cfg: Config, stop: StopSignal) -> Trainer:
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     acc = make_accelerator(mixed_precision=cfg.train.mixed_precision, log_with=tracker_names(cfg) or None,
                            project_dir=str(run_dir), step_scheduler_with_optimizer=False)
+    note = owned.enter_context(hold_run_folder(acc, run_dir))  # before anything in run_dir is written
+    for line in [note] * bool(note) + (repair_run_folder(run_dir) if acc.is_main_process else []):
+        acc.print(line)
     set_seed(cfg.train.seed, device_specific=True)  # different augmentation per rank, reproducible per seed
     shards = open_shards(cfg.data.shards)  # manifest.json read once per process
+    check_disjoint(shards)
     out_ch = out_channels_for(cfg, shards)
-    if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+    dataset = fingerprint(shards)
     model = create_model(cfg.model, out_ch)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -268,14 +287,23 @@ def setup(cfg: Config, stop: StopSignal) -> Trainer:
     if cfg.model.compile:
         model = torch.compile(model)
     log = RunLog(acc, run_dir, cfg.track.backend)
-    init_trackers(acc, cfg, run_dir)
     meta = {"image_size": cfg.data.image_size, "mean": cfg.augment.mean, "std": cfg.augment.std,
             "class_names": shards.class_names, "num_classes": shards.num_classes, "binary": out_ch == 1,
+            "classes": class_table(shards).record(), "dataset": summary(dataset, cfg.data.shards),
             "config": cfg.to_dict(), **({"palette": shards.palette} if shards.palette else {})}
     loss_fn = create_loss(cfg.loss, out_ch, class_weights(shards.manifest, cfg.loss.class_weights))
     return Trainer(cfg, stop, acc, run_dir, shards, meta, model, optimizer, scheduler, ema, loss_fn,
                    DeviceAugment(cfg.augment, train=True), DeviceAugment(cfg.augment, train=False), log,
-                   steps_per_epoch)
+                   steps_per_epoch, dataset=dataset)
+
+
+def open_run(t: Trainer) -> None:
+    """The start is accepted: write the resolved config (its header names the data) and start the trackers."""
+    if t.accelerator.is_main_process:
+        save_config(t.cfg, t.run_dir / "config.yaml",
+                    header=f"data: {t.cfg.data.shards} (fingerprint {t.dataset['digest'][:16]}; each state's "
+                           f"dataset.json lists its shards)")
+    init_trackers(t.accelerator, t.cfg, t.run_dir)
 
 
 def train_stream(t: Trainer, loop: Loop) -> ShardStream:

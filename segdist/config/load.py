@@ -221,5 +221,7 @@ def config_from_dict(data: dict, strict: bool = True) -> Config:
     return validate(cfg)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def save_config(cfg: Config, path: str | Path, header: str = "") -> None:
+    """``cfg`` as YAML (loadable with ``--config``); ``header`` goes first, as ``#`` comment lines."""
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    atomic_write_text(path, comment + yaml.safe_dump(cfg.to_dict(), sort_keys=False))

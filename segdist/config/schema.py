@@ -247,6 +247,10 @@ class TrainConfig:
     overwrite: bool = key(False)
     """Start over in a run folder that holds a previous run (deletes its states and metrics);
     without it such a start is refused, so a forgotten ``train.resume=auto`` loses nothing."""
+    allow_new_data: bool = key(False)
+    """Let ``resume`` continue on shards other than those its state was trained on (another dataset
+    fingerprint; the class table must still match). Best-IoU tracking then restarts: the next evaluation
+    replaces ``best/``. Without it such a resume is refused, naming what changed."""
     max_nonfinite: int = key(5, range=POSITIVE)
     """Consecutive non-finite losses tolerated (skipped) before the run stops."""
     overlays: int = key(8, range=COUNT)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from .classes import check_manifest_classes
 from .reader import ShardId, is_url, read_samples
 
 FORMAT = "segdist-shards"
@@ -78,6 +79,7 @@ def _check_manifest(text: str, base) -> dict:
                         "upgrade segdist or rebuild the shards")
     if not isinstance(manifest.get("splits"), dict):
         raise UserError(f"{base}: {MANIFEST} has no 'splits'")
+    check_manifest_classes(manifest, base)
     return manifest
 
 
