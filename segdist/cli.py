@@ -199,6 +199,21 @@ BATCH_LOOPS = ("train", "eval", "predict", "demo")
 :func:`segdist.memory.tune_malloc`."""
 
 
+def run_command(args) -> int:
+    """``args.func(args)``; when it raises, open progress bars are ended first, so the message that follows starts
+    its own line instead of trailing an unfinished bar (tqdm rewrites its line with carriage returns)."""
+    try:
+        return int(args.func(args) or 0)
+    except BaseException:
+        tqdm = sys.modules.get("tqdm")
+        bars = list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()))
+        for bar in bars:
+            bar.close()  # leave=False bars clear their line
+        if bars and not sys.stderr.isatty():
+            sys.stderr.write("\n")  # in a log file the cleared bar is still text on that line
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     from .track import default_wandb_mode
 
@@ -213,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         # workers inherit it. The user's own MALLOC_* variables or SEGDIST_MALLOC=default win.
         tune_malloc()
     try:
-        return int(args.func(args) or 0)
+        return run_command(args)
     except UserError as e:
         print(f"segdist: error: {e}", file=sys.stderr)
         return 2
