@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .augment import DeviceAugment
+from .card import write_model_card
 from .checkpoint import (DamagedState, find_resume, list_states, load_state, read_loop, save_model, save_state,
                          torn_states)
 from .config import Config, save_config
@@ -29,7 +30,6 @@ from .decode import to_device
 from .distributed import StopSignal, agree, make_accelerator, sync_buffers
 from .errors import Paused, UserError
 from .evaluate import evaluate, val_loader
-from .export import write_model_card
 from .loader import Loader
 from .losses import class_weights, create_loss
 from .models import create_model
