@@ -23,13 +23,22 @@ from tqdm.auto import tqdm
 
 from .augment import DeviceAugment
 from .card import write_model_card
-from .checkpoint import (DamagedState, find_resume, list_states, load_state, read_loop, save_model, save_state,
-                         torn_states)
+from .checkpoint import (
+    DamagedState,
+    find_resume,
+    list_states,
+    load_state,
+    read_loop,
+    save_model,
+    save_state,
+    torn_states,
+)
 from .config import Config, save_config
 from .decode import to_device
 from .distributed import StopSignal, agree, make_accelerator, sync_buffers
 from .errors import Paused, UserError
-from .evaluate import evaluate, val_loader
+from .evaluate import evaluate, native_metrics, val_loader, with_input_res
+from .infer import options_for
 from .loader import Loader
 from .losses import class_weights, create_loss
 from .models import create_model
@@ -38,7 +47,7 @@ from .shards import ShardSet, open_shards
 from .stream import PLAN_KEYS, ShardStream, batches_per_epoch
 from .track import RunLog, init_trackers, overlay_grid, plot_confusion, plot_curves, tracker_names
 
-__all__ = ["run", "Loop", "train_one_epoch", "evaluate_and_save"]
+__all__ = ["Loop", "evaluate_and_save", "run", "train_one_epoch"]
 
 STREAM_VERSION = 2
 """Sample-order version in the resume plan; 2 = take before shuffle (older states resume differently)."""
@@ -250,9 +259,6 @@ def evaluate_and_save(t: Trainer, loop: Loop) -> tuple[dict, float]:
 def full_res_metrics(t: Trainer, model, at_input: dict) -> dict:
     """``train.eval_full_res``: the val split scored at each mask's stored resolution (the headline),
     with the network-input scores ``at_input`` kept under ``"input_res"``."""
-    from .evaluate import native_metrics, with_input_res
-    from .infer import options_for
-
     cfg = t.cfg
     opts = options_for(t.meta, "resize", tta="" if cfg.train.eval_tta == "none" else cfg.train.eval_tta)
     full = native_metrics(model, t.meta, opts, cfg, t.shards, t.accelerator, "val",
