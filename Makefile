@@ -21,7 +21,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	WANDB_MODE=offline $(BIN)/segdist demo --workdir runs
 
+# The layer contract of docs/architecture.md (pyproject.toml [tool.importlinter]) first, then the tests.
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	WANDB_MODE=offline $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

@@ -11,6 +11,8 @@ import os
 import sys
 
 from .errors import REQUEUE_EXIT, Paused, UserError
+from .export import DEFAULT_COUNT, DEFAULT_OPSET, OPSETS
+from .infer.options import BATCH_SIZE, BLENDS, MODES, PROB_FORMATS, Options
 
 
 # ----------------------------------------------------------------------------- synth
@@ -60,7 +62,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("ckpt", help="checkpoint folder (runs/<name>/best or last)")
     p.add_argument("--shards", required=True, help="shard folder or http(s) URL with manifest.json")
     p.add_argument("--split", default="val")
-    p.add_argument("--mode", choices=("stream", "resize", "sliding"), default="stream",
+    p.add_argument("--mode", choices=("stream", *MODES), default="stream",
                    help="stream: the batched network inputs validation sees (data.image_size); resize / sliding: "
                         "each sample predicted as `segdist predict --mode` does and scored at its native resolution")
     p.add_argument("--full-res", action="store_true",
@@ -102,12 +104,14 @@ def _cmd_eval(args) -> int:
 # ----------------------------------------------------------------------------- predict
 def _inference_args(p) -> None:
     """How predictions are made, shared by `segdist predict` and `segdist eval --mode resize|sliding`."""
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding: window overlap; stride = window x (1 - overlap)")
-    p.add_argument("--blend", choices=("gaussian", "linear", "mean"), default="gaussian",
+    p.add_argument("--overlap", type=float, default=Options.overlap,
+                   help="sliding: window overlap; stride = window x (1 - overlap)")
+    p.add_argument("--blend", choices=BLENDS, default=Options.blend,
                    help="sliding: how overlapping windows' logits are weighted")
     p.add_argument("--tta", default="", help="test-time augmentation: 'flip', scales '0.75,1.0,1.25' or both "
                                              "('flip,0.75,1.0,1.25'); probabilities are averaged")
-    p.add_argument("--threshold", type=float, default=0.5, help="binary models: foreground where probability > this")
+    p.add_argument("--threshold", type=float, default=Options.threshold,
+                   help="binary models: foreground where probability > this")
 
 
 def _predict_parser(sub) -> None:
@@ -116,21 +120,21 @@ def _predict_parser(sub) -> None:
     p.add_argument("inputs", nargs="+", help="image files, folders, globs ('photos/*.jpg') or a shard folder")
     p.add_argument("--out", required=True, help="output folder for masks/, overlays/ and probs/")
     p.add_argument("--split", default="val", help="the split predicted from a shard folder")
-    p.add_argument("--mode", choices=("resize", "sliding"), default="resize",
+    p.add_argument("--mode", choices=MODES, default=Options.mode,
                    help="resize: the model's training resize rule (data.resize); sliding: windows of the "
                         "training size over the image")
     _inference_args(p)
-    p.add_argument("--probs", choices=("npy", "png16"), help="also write probabilities: float16 .npy (C, H, W) "
-                                                             "or 16-bit PNGs")
+    p.add_argument("--probs", choices=PROB_FORMATS, help="also write probabilities: float16 .npy (C, H, W) "
+                                                          "or 16-bit PNGs")
     p.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True, help="write overlays/")
     p.add_argument("--palette", help="JSON class colours for multi-class masks (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=8, help="network inputs (windows) per device batch")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="network inputs (windows) per device batch")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_predict)
 
 
 def _cmd_predict(args) -> int:
-    from .infer import predict_paths
+    from .infer.predict import predict_paths  # here, not at the top: it loads SMP/timm
 
     summary = predict_paths(args.ckpt, args.inputs, args.out, device=args.device, mode=args.mode, split=args.split,
                             overlap=args.overlap, blend=args.blend, tta=args.tta, threshold=args.threshold,
@@ -146,11 +150,11 @@ def _export_parser(sub) -> None:
     p.add_argument("ckpt", help="checkpoint folder (runs/<name>/best); only read")
     p.add_argument("--onnx", required=True, help="output .onnx file (written only if the check passes)")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width (multiples of 32)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (11..20)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset ({OPSETS.start}..{OPSETS.stop - 1})")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--shards", help="check on val images of this shard folder or URL (best: the training pixels)")
     src.add_argument("--images", help="check on photos from this folder (else: synthetic images)")
-    p.add_argument("--count", type=int, default=8, help="number of check images")
+    p.add_argument("--count", type=int, default=DEFAULT_COUNT, help="number of check images")
     p.set_defaults(func=_cmd_export)
 
 

@@ -28,7 +28,7 @@ from .config import Config, config_from_dict
 from .decode import decode_mask, to_device
 from .resize import as_hw
 from .distributed import make_accelerator
-from .infer import Options, Predictor, Source, describe, options_for
+from .infer import Options, Predictor, Source, describe_options, options_for
 from .loader import OneEpoch
 from .losses import create_loss
 from .metrics import SegCounts, logits_to_pred
@@ -254,5 +254,5 @@ def native_metrics(model, meta: dict, opts: Options, cfg, shards, accelerator, s
             bar.update()
     counts.reduce(accelerator)  # the one collective: integer counts only
     metrics = counts.compute(meta["class_names"])
-    metrics["resolution"] = f"native ({describe(opts)})"
+    metrics["resolution"] = f"native ({describe_options(opts)})"
     return metrics

@@ -21,13 +21,14 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .augment import DeviceAugment
+from .card import write_model_card
 from .checkpoint import save_model, save_state
 from .config import Config, save_config
 from .decode import to_device
 from .distributed import StopSignal, agree, make_accelerator, sync_buffers
 from .errors import Paused, UserError
-from .evaluate import evaluate, val_loader
-from .export import write_model_card
+from .evaluate import evaluate, native_metrics, val_loader, with_input_res
+from .infer import options_for
 from .loader import Loader
 from .losses import check_loss_config, class_weights, create_loss
 from .models import check_model_config, create_model
@@ -37,7 +38,7 @@ from .resume import Loop, resume_or_start, scored_at
 from .stream import ShardStream, batches_per_epoch
 from .track import RunLog, init_trackers, overlay_grid, plot_confusion, plot_curves, tracker_names
 
-__all__ = ["run", "Loop", "train_one_epoch", "evaluate_and_save"]
+__all__ = ["Loop", "evaluate_and_save", "run", "train_one_epoch"]
 
 @dataclass
 class Trainer:
@@ -230,9 +231,6 @@ def evaluate_and_save(t: Trainer, loop: Loop) -> tuple[dict, float]:
 def full_res_metrics(t: Trainer, model, at_input: dict) -> dict:
     """``train.eval_full_res``: the val split scored at each mask's stored resolution (the headline),
     with the network-input scores ``at_input`` kept under ``"input_res"``."""
-    from .evaluate import native_metrics, with_input_res
-    from .infer import options_for
-
     cfg = t.cfg
     opts = options_for(t.meta, "resize", tta="" if cfg.train.eval_tta == "none" else cfg.train.eval_tta)
     full = native_metrics(model, t.meta, opts, cfg, t.shards, t.accelerator, "val",

@@ -9,24 +9,15 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
+from segdist.card import input_hw, write_model_card
 from segdist.errors import UserError
-from segdist.export import (
-    check_inputs,
-    compare,
-    export_onnx,
-    input_hw,
-    missing_extra_message,
-    onnx_bytes,
-    require_onnx,
-    write_model_card,
-)
+from segdist.export import check_inputs, compare, export_onnx, missing_extra_message, onnx_bytes, require_onnx
 from tests.conftest import HUMAN_SEG, REPO, require_dataset
-
-import onnx  # noqa: E402 -- dev dependencies: a broken install fails here instead of skipping the module
-import onnxruntime as ort  # noqa: E402
 
 
 @pytest.fixture(scope="module")
