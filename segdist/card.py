@@ -15,64 +15,85 @@ from __future__ import annotations
 from pathlib import Path
 
 from .atomic import atomic_write_text
-from .resize import as_hw
-from .errors import UserError
+from .checkpoint import ModelMeta
+from .config import STRIDE, Config
+from .resize import RULE_TEXT
 
 INPUT, OUTPUT = "image", "logits"
-STRIDE = 32  # every SMP encoder downsamples 5 times
-
-
-# -- the model's interface ------------------------------------------------------------------
-def input_hw(meta: dict) -> tuple[int, int]:
-    """``meta["image_size"]`` (S, or [H, W]) as (H, W), both multiples of :data:`STRIDE`."""
-    h, w = as_hw(meta["image_size"])
-    if h % STRIDE or w % STRIDE:
-        raise UserError(f"image_size {h}x{w} in segdist.json is not a multiple of {STRIDE}; "
-                        f"the model cannot be exported at that size")
-    return h, w
-
-
-def out_channels(meta: dict) -> int:
-    return 1 if meta["binary"] else int(meta["num_classes"])
 
 
 # -- the card -------------------------------------------------------------------------------
-def _classes(meta: dict) -> str:
-    names = meta.get("class_names") or [str(i) for i in range(meta["num_classes"])]
+def _classes(meta: ModelMeta) -> str:
+    names = list(meta.class_names) or [str(i) for i in range(meta.num_classes)]
     listed = ", ".join(f"{i} = {n}" for i, n in enumerate(names))
-    if meta["binary"]:
+    if meta.binary:
         return f"binary ({listed}): one logit per pixel, class 1 where the logit > 0"
     return f"{len(names)} classes ({listed}): one logit per class, the class is the argmax"
 
 
-def _input_rule(data: dict, h: int, w: int) -> str:
-    """How training made an image into network pixels (``data.resize``; older checkpoints squashed)."""
-    rule = data.get("resize", "squash")
-    if rule == "short_side":
-        return (f"RGB, short side resized to {data.get('short_side') or min(h, w)} (aspect kept); "
-                f"trained on {h}x{w} (H x W) crops")
-    if rule == "none":
-        return f"RGB at its native resolution; trained on {h}x{w} (H x W) crops"
-    return f"RGB squashed to {h}x{w} (H x W), aspect not kept, as in training"
+def _input_rule(meta: ModelMeta) -> str:
+    """How training made an image into network pixels (``data.resize``), in words."""
+    (h, w), data = meta.image_hw, meta.config.data
+    if data.resize == "short_side":
+        size = (f"short side resized to {data.short_side or min(h, w)} (aspect kept), padded with black at the "
+                f"bottom and right to multiples of {STRIDE}; trained on {h}x{w} (H x W) crops")
+    elif data.resize == "none":
+        size = f"native resolution, padded with black at the bottom and right to multiples of {STRIDE}; trained on " \
+               f"{h}x{w} (H x W) crops"
+    else:
+        size = f"squashed to {h}x{w} (H x W), aspect not kept, as in training"
+    return f"RGB, {size}. Resizing: {RULE_TEXT}; JPEGs larger than that are decoded at 1/2, 1/4 or 1/8 scale first"
 
 
-def _recipe(cfg: dict, binary: bool) -> list[str]:
-    model, data, optim, train = (cfg.get(k, {}) for k in ("model", "data", "optim", "train"))
-    loss, augment = cfg.get("loss", {}), dict(cfg.get("augment", {}))
-    augment.pop("mean", None), augment.pop("std", None)
-    loss_name = loss.get("name")
+def input_code(meta: ModelMeta) -> list[str]:
+    """Python (OpenCV + numpy only) that turns a photo into this model's uint8 (1, 3, H, W) input."""
+    (h, w), data = meta.image_hw, meta.config.data
+    if data.resize == "squash":
+        size = [f"H, W = {h}, {w}"]
+    else:
+        short = data.short_side or min(h, w)
+        f = f"{short} / min(h0, w0)" if data.resize == "short_side" else "1.0"
+        size = [f"f = {f}", "H, W = max(1, round(h0 * f)), max(1, round(w0 * f))"]
+    pad = [] if data.resize == "squash" else [
+        f"x = np.pad(x, ((0, -H % {STRIDE}), (0, -W % {STRIDE}), (0, 0)))  # black at the bottom and right"]
+    return [
+        "import cv2, numpy as np",
+        "",
+        "def network_input(path):",
+        "    img = cv2.imread(path, cv2.IMREAD_COLOR)  # BGR, EXIF orientation applied",
+        "    h0, w0 = img.shape[:2]",
+        *(f"    {line}" for line in size),
+        "    if path.lower().endswith((\".jpg\", \".jpeg\")):  # libjpeg's reduced decode, while it still covers H x W",
+        "        for k, flag in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),",
+        "                        (2, cv2.IMREAD_REDUCED_COLOR_2)):",
+        "            if w0 // k >= W and h0 // k >= H:",
+        "                img = cv2.imread(path, flag)",
+        "                break",
+        "    h, w = img.shape[:2]",
+        "    area = h >= 2 * H and w >= 2 * W  # the resize rule: area from twice the size, else bilinear",
+        "    img = cv2.resize(img, (W, H), interpolation=cv2.INTER_AREA if area else cv2.INTER_LINEAR)",
+        "    x = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)",
+        *(f"    {line}" for line in pad),
+        "    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])  # uint8 (1, 3, H, W)",
+    ]
+
+
+def _recipe(cfg: Config, binary: bool) -> list[str]:
+    model, data, optim, train, loss = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.loss
+    augment = {k: v for k, v in cfg.augment.__dict__.items() if k not in ("mean", "std")}
+    loss_name = loss.name
     if loss_name == "auto":  # config.LossConfig: auto = dice_bce for binary, dice_ce otherwise
         loss_name = f"auto` = `{'dice_bce' if binary else 'dice_ce'}"
-    loss_args = ", ".join(f"{k}={v}" for k, v in loss.items() if k != "name")
+    loss_args = ", ".join(f"{k}={v}" for k, v in loss.__dict__.items() if k != "name")
     return [
-        (f"- architecture: `{model.get('arch')}`, encoder `{model.get('encoder')}`, "
-         f"encoder weights at the start: `{model.get('pretrained')}`"),
+        (f"- architecture: `{model.arch}`, encoder `{model.encoder}`, "
+         f"encoder weights at the start: `{model.pretrained}`"),
         f"- loss: `{loss_name}` ({loss_args})",
-        (f"- optimiser: `{optim.get('name')}`, lr {optim.get('lr')} (encoder lr {optim.get('encoder_lr') or 'same'}), "
-         f"weight decay {optim.get('weight_decay')}, schedule `{optim.get('scheduler')}`, "
-         f"warmup {optim.get('warmup_steps')} steps, EMA {optim.get('ema')}"),
-        (f"- epochs: {train.get('epochs')}, batch size {data.get('batch_size')} per device, "
-         f"mixed precision `{train.get('mixed_precision')}`, seed {train.get('seed')}"),
+        (f"- optimiser: `{optim.name}`, lr {optim.lr} (encoder lr {optim.encoder_lr or 'same'}), "
+         f"weight decay {optim.weight_decay}, schedule `{optim.scheduler}`, "
+         f"warmup {optim.warmup_steps} steps, EMA {optim.ema}"),
+        (f"- epochs: {train.epochs}, batch size {data.batch_size} per device, "
+         f"mixed precision `{train.mixed_precision}`, seed {train.seed}"),
         "- augmentation: " + ", ".join(f"{k}={v}" for k, v in augment.items()),
     ]
 
@@ -101,24 +122,22 @@ def _metrics(metrics: dict | None) -> list[str]:
     return lines
 
 
-def model_card(folder: str | Path, meta: dict, metrics: dict | None = None) -> str:
+def model_card(folder: str | Path, meta: ModelMeta, metrics: dict | None = None) -> str:
     """The Markdown text of :func:`write_model_card`."""
-    cfg = meta.get("config", {})
-    h, w = input_hw(meta)
-    c = out_channels(meta)
-    mean, std = list(meta["mean"]), list(meta["std"])
-    pred = "mask = logits[0, 0] > 0" if meta["binary"] else "mask = logits[0].argmax(0)"
+    cfg, (h, w), c = meta.config, meta.image_hw, meta.out_channels
+    mean, std = list(meta.mean), list(meta.std)
+    pred = "mask = logits[0, 0] > 0" if meta.binary else "mask = logits[0].argmax(0)"
     return "\n".join([
-        f"# {cfg.get('model', {}).get('arch', 'SMP')} segmentation model (segdist)",
+        f"# {cfg.model.arch} segmentation model (segdist)",
         "",
         "## Data",
-        f"- shards: `{cfg.get('data', {}).get('shards', '?')}`",
+        f"- shards: `{cfg.data.shards or '?'}`",
         f"- classes: {_classes(meta)}",
-        f"- input: {_input_rule(cfg.get('data', {}), h, w)}",
+        f"- input: {_input_rule(meta)}",
         f"- normalisation: `(x / 255 - mean) / std`, mean {mean}, std {std}",
         "",
         "## Recipe",
-        *_recipe(cfg, meta["binary"]),
+        *_recipe(cfg, meta.binary),
         "",
         "## Metrics",
         *_metrics(metrics),
@@ -132,6 +151,12 @@ def model_card(folder: str | Path, meta: dict, metrics: dict | None = None) -> s
         'mask = p.predict("photo.jpg")',
         "```",
         "",
+        "The network input, with OpenCV and numpy alone (the pixels segdist feeds the model, within one",
+        "level of 255):",
+        "```python",
+        *input_code(meta),
+        "```",
+        "",
         "segmentation-models-pytorch alone: `smp.from_pretrained` rebuilds the model from `config.json`",
         "(timm builds a `tu-` encoder by name) and loads `model.safetensors`; nothing is downloaded, as",
         "`encoder_weights` is null there. `segdist.models.load_model(folder)` is the same call with",
@@ -140,25 +165,23 @@ def model_card(folder: str | Path, meta: dict, metrics: dict | None = None) -> s
         "import segmentation_models_pytorch as smp, torch",
         f'model = smp.from_pretrained("{folder}").eval()',
         f"mean, std = torch.tensor({mean}).view(1, 3, 1, 1), torch.tensor({std}).view(1, 3, 1, 1)",
-        f"x = torch.zeros(1, 3, {h}, {w}, dtype=torch.uint8)  # your RGB image, H and W multiples of 32",
-        f"logits = model((x / 255 - mean) / std)  # float32 (1, {c}, {h}, {w})",
+        'x = torch.from_numpy(network_input("photo.jpg"))  # uint8 (1, 3, H, W)',
+        f"logits = model((x / 255 - mean) / std)  # float32 (1, {c}, H, W)",
         "```",
         "",
         f"ONNX Runtime, after `segdist export {folder} --onnx model.onnx` (normalisation is in the graph;",
-        "uint8 in, logits out):",
+        f"uint8 in, logits out; a graph exported without `--dynamic` takes exactly (1, 3, {h}, {w})):",
         "```python",
-        "import numpy as np, onnxruntime as ort",
-        "from PIL import Image",
+        "import onnxruntime as ort",
         'session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])',
-        f'x = np.asarray(Image.open("photo.jpg").convert("RGB").resize(({w}, {h}), Image.BOX))',
-        f'logits = session.run(None, {{"{INPUT}": np.ascontiguousarray(x.transpose(2, 0, 1)[None])}})[0]',
-        f"{pred}  # logits: float32 (1, {c}, {h}, {w})",
+        f'logits = session.run(None, {{"{INPUT}": network_input("photo.jpg")}})[0]',
+        f"{pred}  # logits: float32 (1, {c}, H, W)",
         "```",
         "",
     ])
 
 
-def write_model_card(folder: Path, meta: dict, metrics: dict | None) -> None:
+def write_model_card(folder: Path, meta: ModelMeta, metrics: dict | None) -> None:
     """Write ``folder/README.md`` (atomically): data, classes, input size, normalisation, recipe,
     ``metrics`` (as :meth:`segdist.metrics.SegCounts.compute` returns them; None: none) and how to
     load the model with segdist, SMP and ONNX Runtime. Replaces the generic card of ``save_pretrained``."""

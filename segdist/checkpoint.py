@@ -17,12 +17,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
 
 from .atomic import atomic_dir, atomic_write_text, sha256_file
+from .config import Config, config_from_dict
 from .errors import UserError
+from .resize import as_hw
 
 
 class DamagedState(UserError):
@@ -143,14 +146,63 @@ def load_state(accelerator, path: Path, extras: dict | None = None) -> dict:
         raise DamagedState(f"state {path} is damaged: {type(e).__name__}: {first}") from None
 
 
-def save_model(model, out: Path, meta: dict) -> None:
+@dataclass(frozen=True)
+class ModelMeta:
+    """What using a saved model needs, saved beside its weights as ``segdist.json`` (the record timm keeps
+    as a model's ``pretrained_cfg``): the training config -- its ``data.*`` resize rule and image size,
+    its normalisation -- and the classes. The one record inference, evaluation, export and the model
+    card read; nothing re-derives it."""
+
+    config: Config
+    class_names: tuple[str, ...]
+    num_classes: int
+    binary: bool  # one sigmoid logit per pixel; else num_classes softmax logits
+    palette: list | dict | None = None  # class colours ([[r, g, b], ...] or {"colors", "void"}) for mask PNGs
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """``data.image_size`` as (H, W): the squash size, the crop and sliding window of training."""
+        return as_hw(self.config.data.image_size)
+
+    @property
+    def mean(self) -> list[float]:
+        return self.config.augment.mean
+
+    @property
+    def std(self) -> list[float]:
+        return self.config.augment.std
+
+    @property
+    def out_channels(self) -> int:
+        """Logits per pixel: 1 (binary) or K."""
+        return 1 if self.binary else self.num_classes
+
+    def to_json(self) -> dict:
+        """``segdist.json``: the config, the classes, and (for readers of older files) the input rule's keys."""
+        return {"image_size": self.config.data.image_size, "mean": self.mean, "std": self.std,
+                "class_names": list(self.class_names), "num_classes": self.num_classes, "binary": self.binary,
+                "config": self.config.to_dict(), **({"palette": self.palette} if self.palette else {})}
+
+    @classmethod
+    def from_json(cls, data: dict, where: str | Path) -> ModelMeta:
+        """From :meth:`to_json` output; keys a newer segdist added are skipped, a missing one is a UserError."""
+        try:
+            return cls(config_from_dict(data["config"], strict=False), tuple(data["class_names"]),
+                       int(data["num_classes"]), bool(data["binary"]), data.get("palette"))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"{where} is not a segdist model description ({type(e).__name__}: {e}); the model "
+                            f"folder is damaged: pass another one (runs/<name>/best or runs/<name>/last)") from None
+
+
+def save_model(model, out: Path, meta: ModelMeta) -> None:
     """SMP ``save_pretrained`` + ``segdist.json``, swapped into ``out`` atomically (main process only)."""
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp))
-        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1))
+        atomic_write_text(tmp / META_FILE, json.dumps(meta.to_json(), indent=1))
 
 
-def read_meta(ckpt_dir: str | Path) -> dict:
+def read_meta(ckpt_dir: str | Path) -> ModelMeta:
+    """The :class:`ModelMeta` of model folder ``ckpt_dir``; UserError for a folder without one or a damaged file."""
     path = Path(ckpt_dir) / META_FILE
     if not path.is_file():
         raise UserError(f"'{ckpt_dir}' is not a segdist model folder (no {META_FILE}); "
@@ -162,4 +214,4 @@ def read_meta(ckpt_dir: str | Path) -> dict:
                         f"pass another one (runs/<name>/best or runs/<name>/last)") from None
     if not isinstance(meta, dict):
         raise UserError(f"{path} holds {type(meta).__name__}, not a segdist model description; the folder is damaged")
-    return meta
+    return ModelMeta.from_json(meta, path)

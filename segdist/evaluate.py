@@ -123,7 +123,7 @@ def eval_session(ckpt: str, shards: str) -> Iterator[EvalSession]:
     accelerator (exact kernels: counts must not depend on batch shapes); the process group is
     destroyed on the way out (NCCL warns otherwise)."""
     meta = read_meta(ckpt)
-    cfg = config_from_dict(meta["config"])
+    cfg = config_from_dict(meta.config.to_dict())  # a copy: data.shards is set to the shards evaluated on
     cfg.data.shards = shards
     exact_kernels()
     accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
@@ -178,10 +178,10 @@ def evaluate_checkpoint(ckpt: str, shards: str, split: str = "val", batch_size: 
 
 def stream_metrics(s: EvalSession, split: str = "val", batch_size: int = 0, num_workers: int = -1) -> dict:
     """Exact metrics of the session's model on ``split`` as validation sees it (``data.image_size``)."""
-    loss_fn = create_loss(s.cfg.loss, 1 if s.meta["binary"] else s.meta["num_classes"])
+    loss_fn = create_loss(s.cfg.loss, 1 if s.meta.binary else s.meta.num_classes)
     metrics, _ = evaluate(s.model, val_loader(s.cfg, s.shards, split, s.accelerator, batch_size, num_workers),
                           s.accelerator, DeviceAugment(s.cfg.augment, train=False), loss_fn,
-                          s.meta["num_classes"], s.meta["binary"], s.meta["class_names"])
+                          s.meta.num_classes, s.meta.binary, s.meta.class_names)
     h, w = as_hw(s.cfg.data.image_size)
     metrics["resolution"] = f"the network input {h}x{w} (data.resize {s.cfg.data.resize})"
     return metrics
@@ -242,7 +242,7 @@ def native_metrics(model, meta: dict, opts: Options, cfg, shards, accelerator, s
     from tqdm import tqdm
 
     predictor = Predictor(model, meta, opts, accelerator.device, batch_size, accelerator.autocast)
-    counts = SegCounts(meta["num_classes"], meta["binary"], device=accelerator.device)
+    counts = SegCounts(meta.num_classes, meta.binary, device=accelerator.device)
     total, samples = val_samples(cfg, shards, split, accelerator, num_workers)
     items = ((Source(image_bytes(smp), mask.shape, orient=False), mask)
              for smp in samples for mask in [decode_mask(mask_bytes(smp))])
@@ -253,6 +253,6 @@ def native_metrics(model, meta: dict, opts: Options, cfg, shards, accelerator, s
             counts.update(predictor.labels(probs)[None], target[None])
             bar.update()
     counts.reduce(accelerator)  # the one collective: integer counts only
-    metrics = counts.compute(meta["class_names"])
+    metrics = counts.compute(meta.class_names)
     metrics["resolution"] = f"native ({describe_options(opts)})"
     return metrics

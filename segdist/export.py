@@ -3,7 +3,7 @@
 ``export_onnx(ckpt, out)`` (``segdist export CKPT --onnx OUT``) writes the model of a checkpoint
 folder (``runs/<name>/best``) with its normalisation folded in: the graph takes **uint8 RGB**
 ``(B, 3, H, W)`` and returns float32 **logits** ``(B, C, H, W)`` (C = 1 for a binary model,
-K for K classes). It is fixed at ``(1, 3, H, W)`` with ``H, W`` = ``meta["image_size"]``, or
+K for K classes). It is fixed at ``(1, 3, H, W)`` with ``H, W`` = ``meta.image_hw``, or
 with ``dynamic`` has batch, height and width axes (height and width multiples of 32).
 
 Before the file appears, onnxruntime (CPU) runs it on real images: val samples of a shard folder,
@@ -31,15 +31,17 @@ from pathlib import Path
 
 import cv2
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .atomic import atomic_write_bytes, check_out_file
 from .augment import normalize
-from .card import INPUT, OUTPUT, STRIDE, input_hw, out_channels
+from .card import INPUT, OUTPUT
+from .config import STRIDE
 from .checkpoint import read_meta
+from .decode import DecodeError
 from .errors import UserError
 from .metrics import logits_to_pred
+from .resize import resize_batch
 from .shards import IMAGE_EXTS, image_bytes, open_shards, read_samples
 from .synth import make_sample
 
@@ -89,13 +91,13 @@ class Uint8Model(nn.Module):
 def onnx_bytes(model: nn.Module, meta: dict, dynamic: bool = False, opset: int = DEFAULT_OPSET) -> bytes:
     """The ONNX model (bytes) of ``model`` with the normalisation of ``meta`` folded in.
 
-    Input ``image`` uint8 (1, 3, H, W) at ``meta["image_size"]``, or (batch, 3, height, width)
+    Input ``image`` uint8 (1, 3, H, W) at ``meta.image_hw``, or (batch, 3, height, width)
     with ``dynamic``; output ``logits`` float32 (B, C, H, W).
     """
     if opset not in OPSETS:
         raise UserError(f"--opset {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1} "
                         f"(default {DEFAULT_OPSET})")
-    h, w = input_hw(meta)
+    h, w = meta.image_hw
     axes = {0: "batch", 2: "height", 3: "width"}
     buf = io.BytesIO()
     # Silenced: the exporter's deprecation notice, and TracerWarnings for normalize's channel
@@ -103,7 +105,7 @@ def onnx_bytes(model: nn.Module, meta: dict, dynamic: bool = False, opset: int =
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(Uint8Model(model.eval(), meta["mean"], meta["std"]),
+            torch.onnx.export(Uint8Model(model.eval(), meta.mean, meta.std),
                               (torch.zeros(1, 3, h, w, dtype=torch.uint8),), buf, dynamo=False,
                               opset_version=opset, input_names=[INPUT], output_names=[OUTPUT],
                               dynamic_axes={INPUT: axes, OUTPUT: axes} if dynamic else None)
@@ -165,7 +167,7 @@ def check_inputs(meta: dict, shards: str | None = None, images: str | None = Non
     for data in encoded:
         try:
             pixels.append(network_input(data, meta))
-        except ValueError:  # an unreadable file: the others still prove the export
+        except DecodeError:  # an unreadable file: the others still prove the export
             continue
     if not pixels:
         raise UserError(f"no readable image among the {len(encoded)} {source}")
@@ -173,11 +175,10 @@ def check_inputs(meta: dict, shards: str | None = None, images: str | None = Non
 
 
 def resized(images: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """uint8 ``(N, 3, h, w)`` -> uint8 ``(N, 3, *hw)``: the same pictures at another size."""
+    """uint8 ``(N, 3, h, w)`` -> uint8 ``(N, 3, *hw)``: the same pictures at another size, by the one rule."""
     if tuple(images.shape[2:]) == hw:
         return images
-    x = F.interpolate(images.float(), size=hw, mode="bilinear", align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
+    return resize_batch(list(images), hw)
 
 
 def check_batches(pixels: list[torch.Tensor], hw: tuple[int, int], dynamic: bool) -> list[list[torch.Tensor]]:
@@ -228,7 +229,7 @@ def compare(onnx_model: bytes, model: nn.Module, meta: dict, batches: list[torch
     model = model.eval()
     worst, total, logits, agree, pixels = 0.0, 0.0, 0, 0, 0
     for x in batches:
-        want = model(normalize(x, meta["mean"], meta["std"])).float()
+        want = model(normalize(x, meta.mean, meta.std)).float()
         got = torch.from_numpy(session.run([OUTPUT], {INPUT: x.numpy()})[0])
         if got.shape != want.shape:
             raise UserError(f"the ONNX model returns {tuple(got.shape)} for input {tuple(x.shape)}; "
@@ -259,7 +260,7 @@ def export_onnx(ckpt: str | Path, out: str | Path, dynamic: bool = False, opset:
     pixels, source = check_inputs(meta, shards, images, count)  # a bad --shards fails before the export
     data = onnx_bytes(model, meta, dynamic, opset)
     onnx.checker.check_model(onnx.load_from_string(data))
-    h, w = input_hw(meta)
+    h, w = meta.image_hw
     results = [compare(data, model, meta, batches) for batches in check_batches(pixels, (h, w), dynamic)]
     for r in results:
         if not r.ok(max_abs, min_agreement):
@@ -268,5 +269,5 @@ def export_onnx(ckpt: str | Path, out: str | Path, dynamic: bool = False, opset:
     atomic_write_bytes(out, data)
     shape = "(batch, 3, height, width)" if dynamic else f"(1, 3, {h}, {w})"
     return [(f"exported {ckpt} to {out} ({len(data) / 1e6:.1f} MB, opset {opset}): uint8 RGB {shape} -> "
-             f"float32 logits with {out_channels(meta)} channel(s), normalisation inside"),
+             f"float32 logits with {meta.out_channels} channel(s), normalisation inside"),
             f"checked on {source}:", *(f"  {r}" for r in results)]

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .augment import DeviceAugment
 from .card import write_model_card
-from .checkpoint import save_model, save_state
+from .checkpoint import ModelMeta, save_model, save_state
 from .config import Config, save_config
 from .decode import to_device
 from .distributed import StopSignal, agree, make_accelerator, sync_buffers
@@ -49,7 +49,7 @@ class Trainer:
     accelerator: object
     run_dir: Path
     shards: ShardSet
-    meta: dict  # what inference needs (image size, normalisation, classes), saved beside each model
+    meta: ModelMeta  # what using the model needs (config, classes), saved beside each model
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -90,7 +90,7 @@ def run(cfg: Config) -> dict:
                 if loop.epoch % cfg.train.eval_every == 0 or loop.epoch == cfg.train.epochs:
                     metrics, best_iou = evaluate_and_save(t, loop)
                     loop = dataclasses.replace(loop, best_iou=best_iou, best_at=scored_at(cfg))
-                    record |= val_record(metrics, t.meta["binary"])
+                    record |= val_record(metrics, t.meta.binary)
                 t.log.log(record, loop.step)
                 acc.print(summary_line(record))
                 save_state(acc, t.states_dir, loop.step, dataclasses.asdict(loop), cfg.train.keep_last, t.extras)
@@ -207,7 +207,7 @@ def evaluate_and_save(t: Trainer, loop: Loop) -> tuple[dict, float]:
     model = t.eval_model()
     sync_buffers(model, acc)
     metrics, shown = evaluate(model, val_loader(t.cfg, t.shards, "val", acc), acc, t.eval_aug, t.loss_fn,
-                              t.meta["num_classes"], t.meta["binary"], t.meta["class_names"],
+                              t.meta.num_classes, t.meta.binary, t.meta.class_names,
                               overlays=t.cfg.train.overlays)
     if t.cfg.train.eval_full_res:
         metrics = full_res_metrics(t, model, metrics)
@@ -218,13 +218,13 @@ def evaluate_and_save(t: Trainer, loop: Loop) -> tuple[dict, float]:
         if improved or not (t.run_dir / "best").exists():
             save_model(model, t.run_dir / "best", t.meta)
             write_model_card(t.run_dir / "best", t.meta, {**metrics, "epoch": loop.epoch})
-        plot_confusion(metrics["confusion"], t.meta["class_names"], t.run_dir / "confusion.png",
+        plot_confusion(metrics["confusion"], t.meta.class_names, t.run_dir / "confusion.png",
                        f"val, epoch {loop.epoch}")
         t.log.log_png("val/confusion", t.run_dir / "confusion.png", loop.step)
         if shown["images"]:
             images = [np.ascontiguousarray(im) for im in shown["images"]]
-            t.log.log_overlays(overlay_grid(images, shown["gts"], shown["preds"], t.meta["num_classes"]), images,
-                               shown["gts"], shown["preds"], t.meta["class_names"], loop.step, loop.epoch)
+            t.log.log_overlays(overlay_grid(images, shown["gts"], shown["preds"], t.meta.num_classes), images,
+                               shown["gts"], shown["preds"], t.meta.class_names, loop.step, loop.epoch)
     return metrics, iou if improved else best_iou
 
 
@@ -267,9 +267,7 @@ def setup(cfg: Config, stop: StopSignal) -> Trainer:
         model = torch.compile(model)
     log = RunLog(acc, run_dir, cfg.track.backend)
     init_trackers(acc, cfg, run_dir)
-    meta = {"image_size": cfg.data.image_size, "mean": cfg.augment.mean, "std": cfg.augment.std,
-            "class_names": shards.class_names, "num_classes": shards.num_classes, "binary": out_ch == 1,
-            "config": cfg.to_dict(), **({"palette": shards.palette} if shards.palette else {})}
+    meta = ModelMeta(cfg, tuple(shards.class_names), shards.num_classes, out_ch == 1, shards.palette)
     loss_fn = create_loss(cfg.loss, out_ch, class_weights(shards.manifest, cfg.loss.class_weights))
     return Trainer(cfg, stop, acc, run_dir, shards, meta, model, optimizer, scheduler, ema, loss_fn,
                    DeviceAugment(cfg.augment, train=True), DeviceAugment(cfg.augment, train=False), log,

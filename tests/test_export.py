@@ -14,7 +14,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from segdist.card import input_hw, write_model_card
+from segdist.card import write_model_card
+from segdist.checkpoint import read_meta
 from segdist.errors import UserError
 from segdist.export import check_inputs, compare, export_onnx, missing_extra_message, onnx_bytes, require_onnx
 from tests.conftest import HUMAN_SEG, REPO, require_dataset
@@ -23,16 +24,13 @@ from tests.conftest import HUMAN_SEG, REPO, require_dataset
 @pytest.fixture(scope="module")
 def ckpt3(tmp_path_factory):
     """A tiny untrained 3-class model folder (64 px), made as conftest's binary ``ckpt``."""
-    from segdist.checkpoint import save_model
+    from segdist.checkpoint import ModelMeta, save_model
     from segdist.config import load_config
     from segdist.models import create_model
 
     cfg = load_config(None, ["model.pretrained=none", "data.image_size=64"])
     out = tmp_path_factory.mktemp("ckpt3") / "best"
-    meta = {"image_size": 64, "mean": cfg.augment.mean, "std": cfg.augment.std,
-            "class_names": ["background", "shirt", "pants"], "num_classes": 3, "binary": False,
-            "config": cfg.to_dict()}
-    save_model(create_model(cfg.model, 3), out, meta)
+    save_model(create_model(cfg.model, 3), out, ModelMeta(cfg, ("background", "shirt", "pants"), 3, False))
     return out
 
 
@@ -148,13 +146,9 @@ def test_cli_errors_are_one_line(ckpt, tmp_path, capsys, monkeypatch):
         require_onnx()
 
 
-def test_input_size_accepts_s_and_hw():
-    assert input_hw({"image_size": 64}) == (64, 64)
-    assert input_hw({"image_size": [96, 128]}) == (96, 128)
-    with pytest.raises(UserError, match="multiple of 32"):
-        input_hw({"image_size": [100, 64]})
+def test_unsupported_opset_is_refused(ckpt):
     with pytest.raises(UserError, match="--opset 30"):
-        onnx_bytes(torch.nn.Identity(), {"image_size": 64}, opset=30)
+        onnx_bytes(torch.nn.Identity(), read_meta(ckpt), opset=30)
 
 
 METRICS = {"iou": 0.8123, "dice": 0.8964, "num_samples": 48,
@@ -165,8 +159,8 @@ METRICS = {"iou": 0.8123, "dice": 0.8964, "num_samples": 48,
 def test_model_card_documents_the_model_and_its_loading_snippets_work(ckpt, exported, tmp_path, monkeypatch):
     folder = tmp_path / "run" / "best"
     shutil.copytree(ckpt, folder)
-    meta = json.loads((folder / "segdist.json").read_text())
-    meta["config"]["data"]["shards"] = "runs/human-seg-shards"
+    meta = read_meta(folder)
+    meta.config.data.shards = "runs/human-seg-shards"
     write_model_card(folder, meta, METRICS)
     card = (folder / "README.md").read_text()
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors", "segdist.json"]

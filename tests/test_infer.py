@@ -121,7 +121,8 @@ def test_train_eval_and_predict_make_byte_identical_network_input(tmp_path):
     import webdataset as wds
 
     from segdist.augment import DeviceAugment, normalize
-    from segdist.config import AugmentConfig
+    from segdist.checkpoint import ModelMeta
+    from segdist.config import AugmentConfig, load_config
     from segdist.infer import network_input
     from tests.shardutil import make_loader
 
@@ -132,8 +133,7 @@ def test_train_eval_and_predict_make_byte_identical_network_input(tmp_path):
         for k, data in raw.items():
             w.write({"__key__": k, "image.jpg": data, "mask.png": mask})
     size = 96
-    meta = {"image_size": size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-            "config": {"data": {"reduced_decode": True}}}
+    meta = ModelMeta(load_config(None, [f"data.image_size={size}"]), ("bg", "fg"), 2, True)
     rows = {}
     for train in (True, False):
         loader = make_loader([str(tmp_path / "s.tar")], [len(raw)], batch_size=2, image_size=size, train=train,
@@ -147,7 +147,7 @@ def test_train_eval_and_predict_make_byte_identical_network_input(tmp_path):
         assert want.dtype == torch.uint8 and want.shape == (3, size, size)
         assert all(torch.equal(got, want) for got in rows[k]), k
         x_eval, _ = DeviceAugment(AugmentConfig(), train=False)(rows[k][1][None], torch.zeros(1, size, size))
-        assert torch.equal(x_eval, normalize(want[None], meta["mean"], meta["std"]))
+        assert torch.equal(x_eval, normalize(want[None], meta.mean, meta.std))
 
 
 # ----------------------------------------------------------------------------- modes, TTA, blending
@@ -164,9 +164,8 @@ def predictor(ckpt, mode="resize", data=None, image_size=None, batch_size=4, **o
     from segdist.infer import Predictor, options_for
 
     meta = copy.deepcopy(read_meta(ckpt))
-    meta["config"]["data"].update(data or {})
-    if image_size is not None:
-        meta["image_size"] = meta["config"]["data"]["image_size"] = image_size
+    for k, v in {**(data or {}), **({"image_size": image_size} if image_size is not None else {})}.items():
+        setattr(meta.config.data, k, v)
     return Predictor(loaded(ckpt), meta, options_for(meta, mode, **options), "cpu", batch_size=batch_size)
 
 
@@ -272,15 +271,13 @@ def test_glob_and_shard_folder_inputs(ckpt, tmp_path):
 @pytest.fixture(scope="module")
 def ckpt3(tmp_path_factory):
     """A tiny untrained 3-class model with class colours in its meta (the shards --palette format)."""
-    from segdist.checkpoint import save_model
+    from segdist.checkpoint import ModelMeta, save_model
     from segdist.config import load_config
     from segdist.models import create_model
 
     cfg = load_config(None, ["model.pretrained=none", "data.image_size=64"])
     out = tmp_path_factory.mktemp("ckpt3") / "best"
-    meta = {"image_size": 64, "mean": cfg.augment.mean, "std": cfg.augment.std, "class_names": ["bg", "shirt", "hair"],
-            "num_classes": 3, "binary": False, "config": cfg.to_dict(),
-            "palette": [[0, 0, 0], [220, 20, 60], [30, 144, 255]]}
+    meta = ModelMeta(cfg, ("bg", "shirt", "hair"), 3, False, [[0, 0, 0], [220, 20, 60], [30, 144, 255]])
     save_model(create_model(cfg.model, 3), out, meta)
     return out
 

@@ -44,21 +44,21 @@ from __future__ import annotations
 
 import importlib
 
-from .geometry import PAD_MULTIPLE, View, blend_weights, plan_views, view_size, window_starts
+from .geometry import View, blend_weights, plan_views, view_size, window_starts
 from .inputs import Job, find_inputs, list_images, output_names, shard_jobs, unique_names
 from .options import BATCH_SIZE, BLENDS, MODES, PROB_FORMATS, Options, describe_options, options_for, parse_tta
 from .writers import mask_png, model_palette, palette_table, png, prob_files
 
 _LAZY = {
-    "predictor": ("Predictor", "Source", "as_source", "decode_full", "network_input", "pick_device", "read_image",
+    "predictor": ("Predictor", "Source", "as_source", "network_input", "pick_device", "read_image",
                   "view_pixels", "view_tiles"),
     "predict": ("predict_paths",),
 }
 _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 
 __all__ = [  # the lazy names too (see _LAZY)
-    "BATCH_SIZE", "BLENDS", "MODES", "PAD_MULTIPLE", "PROB_FORMATS", "Job", "Options", "Predictor", "Source", "View",
-    "as_source", "blend_weights", "decode_full", "describe_options", "find_inputs", "list_images", "mask_png",
+    "BATCH_SIZE", "BLENDS", "MODES", "PROB_FORMATS", "Job", "Options", "Predictor", "Source", "View",
+    "as_source", "blend_weights", "describe_options", "find_inputs", "list_images", "mask_png",
     "model_palette", "network_input", "options_for", "output_names", "palette_table", "parse_tta", "pick_device",
     "plan_views", "png", "predict_paths", "prob_files", "read_image", "shard_jobs", "unique_names", "view_pixels",
     "view_size", "view_tiles", "window_starts",

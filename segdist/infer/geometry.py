@@ -1,7 +1,7 @@
 """Where the network looks: the passes (views) over an image and their windows. Pure: no model, no pixels.
 
 ``resize`` mode: one window per view, the resized image padded (bottom/right) to a multiple of
-:data:`PAD_MULTIPLE`. ``sliding`` mode: windows of the training size, stride = window x (1 -
+:data:`segdist.config.STRIDE`. ``sliding`` mode: windows of the training size, stride = window x (1 -
 overlap) (MMSegmentation's convention), the last window aligned to the far edge, an image
 smaller than a window padded; :func:`blend_weights` weighs the overlapping windows' logits.
 """
@@ -14,11 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import STRIDE
 from ..resize import scaled_size
 from .options import Options
-
-PAD_MULTIPLE = 32
-"""``resize`` mode pads network inputs to a multiple of this: SMP encoders downsample 5 times."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +53,7 @@ def plan_views(opts: Options, hw: tuple[int, int]) -> list[View]:
     for scale in opts.scales:
         size = view_size(opts, hw, scale)
         if opts.mode == "resize":
-            padded = (-(-size[0] // PAD_MULTIPLE) * PAD_MULTIPLE, -(-size[1] // PAD_MULTIPLE) * PAD_MULTIPLE)
+            padded = (-(-size[0] // STRIDE) * STRIDE, -(-size[1] // STRIDE) * STRIDE)
             window, origins = padded, ((0, 0),)
         else:
             window = opts.image_hw

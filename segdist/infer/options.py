@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import RESIZE_MODES
-from ..resize import as_hw
+from ..checkpoint import ModelMeta
 from ..errors import UserError
 
 MODES = ("resize", "sliding")
@@ -62,18 +61,16 @@ def check_choice(what: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def options_for(meta: dict, mode: str = "resize", overlap: float = 0.5, blend: str = "gaussian",
+def options_for(meta: ModelMeta, mode: str = "resize", overlap: float = 0.5, blend: str = "gaussian",
                 tta: str | None = "", threshold: float = 0.5) -> Options:
-    """Options from a checkpoint's meta (checkpoints from before ``data.resize`` squashed) and the user's choices."""
-    data = meta.get("config", {}).get("data", {})
+    """Options from a model's training rule (``meta.config.data``) and the user's choices."""
+    data = meta.config.data
     if not 0 <= overlap < 1:
         raise UserError(f"--overlap {overlap}: must be in [0, 1) (stride = window x (1 - overlap))")
     if not 0 <= threshold <= 1:
         raise UserError(f"--threshold {threshold}: a probability, in [0, 1]")
     flip, scales = parse_tta(tta)
-    return Options(as_hw(meta["image_size"]), check_choice("the checkpoint's data.resize",
-                                                           data.get("resize", "squash"), RESIZE_MODES),
-                   int(data.get("short_side", 0)), bool(data.get("reduced_decode", True)),
+    return Options(meta.image_hw, data.resize, data.short_side, data.reduced_decode,
                    check_choice("--mode", mode, MODES), float(overlap), check_choice("--blend", blend, BLENDS), flip,
                    scales, float(threshold))
 

@@ -17,7 +17,8 @@ from ..atomic import atomic_write_bytes, check_out_dir
 from ..track import overlay
 from .inputs import Job, find_inputs
 from .options import BATCH_SIZE, PROB_FORMATS, Options, check_choice, describe_options
-from .predictor import Predictor, Source, decode_full
+from ..decode import DecodeError, decode_rgb
+from .predictor import Predictor, Source
 from .writers import mask_png, model_palette, png, prob_files
 
 
@@ -35,7 +36,7 @@ def predict_paths(ckpt: str | Path, inputs, out: str | Path, device: str = "auto
     predictor = Predictor.load(ckpt, device, mode, batch_size=batch_size, overlap=overlap, blend=blend, tta=tta,
                                threshold=threshold)
     meta = predictor.meta
-    pal = None if meta["binary"] else model_palette(meta, palette)
+    pal = None if meta.binary else model_palette(meta, palette)
     total, jobs = find_inputs([inputs] if isinstance(inputs, (str, Path)) else inputs, split)
     out = Path(out)
     done, skipped = 0, []
@@ -44,18 +45,18 @@ def predict_paths(ckpt: str | Path, inputs, out: str | Path, device: str = "auto
             for job in jobs:
                 try:
                     data = job.read()
-                    rgb = decode_full(data, job.orient)
-                except (ValueError, OSError) as e:
-                    skipped.append(f"{job.label} ({e})")
+                    rgb = decode_rgb(data, reduced=False, orient=job.orient)
+                except (DecodeError, OSError) as e:
+                    skipped.append(f"{job.label} ({getattr(e, 'reason', e)})")
                     bar.update()
                     continue
                 yield Source(data, rgb.shape[:2], job.orient), (job, rgb)
 
         for (job, rgb), p in predictor.run(readable()):
             pred = predictor.labels(p).cpu().numpy()
-            atomic_write_bytes(out / "masks" / job.name, mask_png(pred, meta["binary"], pal))
+            atomic_write_bytes(out / "masks" / job.name, mask_png(pred, meta.binary, pal))
             if overlays:
-                ov = cv2.cvtColor(overlay(rgb, pred, meta["num_classes"]), cv2.COLOR_RGB2BGR)
+                ov = cv2.cvtColor(overlay(rgb, pred, meta.num_classes), cv2.COLOR_RGB2BGR)
                 atomic_write_bytes(out / "overlays" / job.name, png(ov))
             if probs:
                 for rel, data in prob_files(job.name, p.cpu().numpy(), probs).items():

@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..augment import normalize
 from ..checkpoint import read_meta
-from ..decode import decode_rgb
+from ..decode import DecodeError, decode_rgb
 from ..resize import resize_to
 from ..errors import UserError
 from ..models import load_model
@@ -65,34 +64,17 @@ def view_tiles(pixels: np.ndarray, view: View) -> list[torch.Tensor]:
     return [t[:, y:y + h, x:x + w] for y, x in view.origins]
 
 
-def decode_full(data: bytes, orient: bool = True) -> np.ndarray:
-    """Encoded bytes -> RGB uint8 (H, W, 3) at full size (EXIF orientation applied with ``orient``).
-
-    Raises ``ValueError`` with the reason when OpenCV cannot (or refuses to) decode it.
-    """
-    flag = cv2.IMREAD_COLOR | (0 if orient else cv2.IMREAD_IGNORE_ORIENTATION)
-    try:  # OpenCV raises (not returns None) for e.g. a header claiming 60000 x 60000 pixels
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
-    except cv2.error as e:
-        too_big = "CV_IO_MAX_IMAGE_PIXELS" in str(e)
-        raise ValueError("larger than OpenCV's decode limit (CV_IO_MAX_IMAGE_PIXELS)" if too_big
-                         else f"OpenCV cannot decode it: {str(e).strip().splitlines()[-1]}") from None
-    if bgr is None:
-        raise ValueError("not a readable image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
 def read_image(path: Path) -> tuple[bytes, np.ndarray]:
-    """A file's bytes and its full-size RGB uint8 (H, W, 3), EXIF orientation applied (ValueError: why not)."""
+    """A file's bytes and its full-size RGB uint8 (H, W, 3), EXIF orientation applied (DecodeError: why not)."""
     data = path.read_bytes()
-    return data, decode_full(data)
+    return data, decode_rgb(data, reduced=False, orient=True)
 
 
 def network_input(data: bytes, meta: dict) -> torch.Tensor:
     """Encoded image bytes -> uint8 (3, h, w): the network input of ``resize`` mode; for a squash
     model exactly the pixels the training stream makes."""
     opts = options_for(meta)
-    hw = opts.image_hw if opts.resize == "squash" else decode_full(data).shape[:2]  # squash ignores the size
+    hw = opts.image_hw if opts.resize == "squash" else decode_rgb(data, reduced=False).shape[:2]  # squash: no need
     (view,) = plan_views(opts, hw)
     return view_tiles(view_pixels(Source(data, hw), [view], opts.reduced)[view.size], view)[0]
 
@@ -102,15 +84,15 @@ def as_source(image) -> Source:
     if isinstance(image, (str, Path)):
         try:
             data, rgb = read_image(Path(image))
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read image '{image}': {e}") from None
+        except (OSError, DecodeError) as e:
+            raise UserError(f"cannot read image '{image}': {getattr(e, 'reason', e)}") from None
         return Source(data, rgb.shape[:2])
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         try:
-            return Source(data, decode_full(data).shape[:2])
-        except ValueError as e:
-            raise UserError(f"cannot decode the image bytes: {e}") from None
+            return Source(data, decode_rgb(data, reduced=False, orient=True).shape[:2])
+        except DecodeError as e:
+            raise UserError(f"cannot decode the image bytes: {e.reason}") from None
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)
@@ -209,7 +191,7 @@ class Predictor:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, h, w) on the host -> float32 logits (B, C, h, w) on the device."""
-        x = normalize(x.to(self.device, non_blocking=True), self.meta["mean"], self.meta["std"])
+        x = normalize(x.to(self.device, non_blocking=True), self.meta.mean, self.meta.std)
         with self.autocast():
             return self.model(x).float()
 

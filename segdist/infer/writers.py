@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from ..checkpoint import ModelMeta
 from ..shards import read_palette
 
 
@@ -22,9 +23,9 @@ def palette_table(colours, void=None) -> np.ndarray:
     return pal
 
 
-def model_palette(meta: dict, palette_file: str | Path | None = None) -> np.ndarray | None:
+def model_palette(meta: ModelMeta, palette_file: str | Path | None = None) -> np.ndarray | None:
     """The PNG palette of a multi-class model's masks: ``--palette FILE`` (the ``segdist shards
-    build --palette`` format), else ``meta["palette"]`` (``[[r, g, b], ...]`` in class order or
+    build --palette`` format), else ``meta.palette`` (``[[r, g, b], ...]`` in class order or
     ``{"colors": [...], "void": [r, g, b]}``); None: plain 8-bit index PNGs."""
     if palette_file:
         table, _ = read_palette(palette_file)
@@ -32,7 +33,7 @@ def model_palette(meta: dict, palette_file: str | Path | None = None) -> np.ndar
         for packed, i in table:
             pal[i] = ((packed >> 16) & 255, (packed >> 8) & 255, packed & 255)
         return pal
-    spec = meta.get("palette")
+    spec = meta.palette
     if not spec:
         return None
     if isinstance(spec, dict):
