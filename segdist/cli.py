@@ -2,6 +2,9 @@
 
 Every user error surfaces as a :class:`~segdist.errors.UserError` and is printed as one line
 (``segdist: error: ...``) with exit status 2; no traceback for bad input.
+
+Each sub-command imports what it runs inside its ``_cmd_*`` function: ``segdist shards info`` or a
+config typo must not pay for torch, SMP and timm (seconds on a small machine).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import argparse
 import os
 import sys
 
+from .atomic import check_out_dir
 from .errors import REQUEUE_EXIT, Paused, UserError
 from .export import DEFAULT_COUNT, DEFAULT_OPSET, OPSETS
 from .infer.options import BATCH_SIZE, BLENDS, MODES, PROB_FORMATS, Options
@@ -27,7 +31,7 @@ def _synth_parser(sub) -> None:
 
 
 def _cmd_synth(args) -> int:
-    from .synth import make_synthetic
+    from .synth import make_synthetic  # lazy: see the module docstring
 
     make_synthetic(args.out, n=args.n, size=args.size, classes=args.classes, seed=args.seed)
     print(f"wrote {args.n} samples to {args.out}")
@@ -36,7 +40,7 @@ def _cmd_synth(args) -> int:
 
 # ----------------------------------------------------------------------------- shards
 def _shards_parser(sub) -> None:
-    from .shards import add_cli
+    from .shards import add_cli  # lazy: the shards package loads its CLI (OpenCV, PIL) on first use
 
     add_cli(sub)
 
@@ -50,7 +54,7 @@ def _train_parser(sub) -> None:
 
 
 def _cmd_train(args) -> int:
-    from .config import load_config
+    from .config import load_config  # lazy: see the module docstring
     from .train import run
 
     run(load_config(args.config, args.overrides))
@@ -78,8 +82,7 @@ def _eval_parser(sub) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from . import evaluate as ev
-    from .atomic import check_out_dir
+    from . import evaluate as ev  # lazy: see the module docstring
 
     common = {"split": args.split, "batch_size": args.batch_size, "num_workers": args.num_workers,
               "as_json": args.json}
@@ -159,7 +162,7 @@ def _export_parser(sub) -> None:
 
 
 def _cmd_export(args) -> int:
-    from .export import export_onnx
+    from .export import export_onnx  # lazy: see the module docstring
 
     for line in export_onnx(args.ckpt, args.onnx, dynamic=args.dynamic, opset=args.opset, shards=args.shards,
                             images=args.images, count=args.count):
@@ -169,7 +172,7 @@ def _cmd_export(args) -> int:
 
 # ----------------------------------------------------------------------------- bench
 def _bench_parser(sub) -> None:
-    from .bench import add_cli
+    from .bench import add_cli  # lazy: see the module docstring
 
     add_cli(sub)
 
@@ -183,7 +186,7 @@ def _demo_parser(sub) -> None:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import run_demo  # lazy: see the module docstring
 
     run_demo(args.workdir, args.overrides)
     return 0
@@ -204,13 +207,13 @@ BATCH_LOOPS = ("train", "eval", "predict", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .track import default_wandb_mode
+    from .track import default_wandb_mode  # lazy: track loads OpenCV
 
     default_wandb_mode()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in BATCH_LOOPS:
-        from .memory import tune_malloc
+        from .memory import tune_malloc  # lazy: only the batch loops need it
 
         # Before the first tensor: each batch's freed activations stay mapped instead of being faulted
         # in again every batch (2x for the course's loop on CPU, docs/benchmarks.md); forked loader

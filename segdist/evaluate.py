@@ -21,20 +21,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from .atomic import atomic_write_text
 from .augment import DeviceAugment
 from .checkpoint import read_meta
 from .config import Config, config_from_dict
 from .decode import decode_mask, to_device
-from .resize import as_hw
 from .distributed import make_accelerator
 from .infer import Options, Predictor, Source, describe_options, options_for
 from .loader import OneEpoch
 from .losses import create_loss
 from .metrics import SegCounts, logits_to_pred
 from .models import load_model
+from .resize import as_hw
 from .shards import ShardSet, image_bytes, mask_bytes, open_shards, read_samples
 from .stream import ShardStream, iter_units
+from .track import plot_confusion
 
 __all__ = ["eval_session", "evaluate", "evaluate_checkpoint", "evaluate_full_res", "evaluate_native",
            "native_metrics", "report", "stream_metrics", "val_loader", "val_samples", "write_outputs"]
@@ -157,9 +160,6 @@ def report(split: str, metrics: dict, accelerator, as_json: bool = False) -> Non
 def write_outputs(metrics: dict, out: str | Path, title: str = "") -> None:
     """``segdist eval --out DIR``: ``metrics.json`` (everything printed, with the per-class table and the
     normalised confusion matrix) and ``confusion.png``; each written atomically."""
-    from .atomic import atomic_write_text
-    from .track import plot_confusion
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
@@ -239,8 +239,6 @@ def native_metrics(model, meta: dict, opts: Options, cfg, shards, accelerator, s
     on the rank layout, counts TP/FP/FN/TN against the native-size mask and joins one reduce.
     Used by ``segdist eval`` and, with ``train.eval_full_res``, by every evaluation in training.
     """
-    from tqdm import tqdm
-
     predictor = Predictor(model, meta, opts, accelerator.device, batch_size, accelerator.autocast)
     counts = SegCounts(meta.num_classes, meta.binary, device=accelerator.device)
     total, samples = val_samples(cfg, shards, split, accelerator, num_workers)

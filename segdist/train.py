@@ -81,7 +81,7 @@ def run(cfg: Config) -> dict:
     with StopSignal() as stop:  # from here on SIGUSR1/SIGTERM pause the run instead of killing it
         t = setup(cfg, stop)
         acc, loop, metrics = t.accelerator, resume_or_start(cfg, t.accelerator, t.run_dir, t.extras, t.log), {}
-        acc.print(describe(t))
+        acc.print(describe_run(t))
         # One loader for the whole run: its workers decode on into the next epoch while this one ends.
         with Loader(train_stream(t, loop), start_epoch=loop.epoch, end_epoch=cfg.train.epochs,
                     start_batch=loop.batch, prefetch=cfg.data.prefetch) as loader:
@@ -379,7 +379,7 @@ def val_record(metrics: dict, binary: bool) -> dict:
     return rec
 
 
-def describe(t: Trainer) -> str:
+def describe_run(t: Trainer) -> str:
     cfg, world = t.cfg, t.accelerator.num_processes
     bs, acc_n = cfg.data.batch_size, cfg.optim.accumulate
     n_train, n_val = (sum(t.shards.split(s)[1]) for s in ("train", "val"))

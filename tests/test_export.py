@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -171,19 +170,19 @@ def test_model_card_documents_the_model_and_its_loading_snippets_work(ckpt, expo
                    "onnxruntime", '"image"'):
         assert needle in card, needle
     blocks = re.findall(r"```python\n(.*?)```", card, re.DOTALL)
-    assert len(blocks) == 3
-    # the SMP and ONNX Runtime snippets run as written
-    smp_ns: dict = {}
-    exec(blocks[1], smp_ns)  # noqa: S102 -- the card's own snippet, written by this test
-    assert tuple(smp_ns["logits"].shape) == (1, 1, 64, 64)
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(exported[0], "model.onnx")
+    assert len(blocks) == 4  # segdist; the network input with OpenCV/numpy; SMP alone; ONNX Runtime
+    # the input recipe, then the SMP and ONNX Runtime snippets that use it, run as written
     from tests.shardutil import sample_bytes
 
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(exported[0], "model.onnx")
     (tmp_path / "photo.jpg").write_bytes(sample_bytes(0, 90, "jpg")[0])
-    ort_ns: dict = {}
-    exec(blocks[2], ort_ns)  # noqa: S102 -- likewise
-    assert ort_ns["logits"].shape == (1, 1, 64, 64) and ort_ns["mask"].shape == (64, 64)
+    ns: dict = {}
+    exec(blocks[1], ns)  # noqa: S102 -- the card's own snippet, written by this test
+    exec(blocks[2], ns)  # noqa: S102 -- likewise
+    assert tuple(ns["logits"].shape) == (1, 1, 64, 64)
+    exec(blocks[3], ns)  # noqa: S102 -- likewise
+    assert ns["logits"].shape == (1, 1, 64, 64) and ns["mask"].shape == (64, 64)
     segdist_ns: dict = {}
     exec(blocks[0], segdist_ns)  # noqa: S102 -- likewise
     assert segdist_ns["mask"].shape == (90, 90)
@@ -193,7 +192,6 @@ def test_model_card_documents_the_model_and_its_loading_snippets_work(ckpt, expo
 
 
 def test_model_card_multiclass(ckpt3, tmp_path):
-    meta = json.loads((ckpt3 / "segdist.json").read_text())
-    write_model_card(tmp_path, meta, None)
+    write_model_card(tmp_path, read_meta(ckpt3), None)
     card = (tmp_path / "README.md").read_text()
     assert "3 classes (0 = background, 1 = shirt, 2 = pants)" in card and "argmax(0)" in card

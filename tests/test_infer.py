@@ -225,13 +225,13 @@ def test_blend_weights_sum_to_one_at_every_pixel(blend, overlap):
     from segdist.config import load_config
     from segdist.infer import Predictor, options_for, plan_views
 
-    cfg = load_config(None, ["data.image_size=[32, 48]", "augment.mean=[0.5, 0.5, 0.5]",
+    cfg = load_config(None, ["data.image_size=[32, 64]", "augment.mean=[0.5, 0.5, 0.5]",
                              "augment.std=[0.25, 0.25, 0.25]"])
     meta = ModelMeta(cfg, ("a", "b", "c"), 3, False)
     opts = options_for(meta, "sliding", overlap=overlap, blend=blend)
     (view,) = plan_views(opts, (100, 130))
     assert len(view.origins) > 4 and max(y for y, _ in view.origins) == 100 - 32  # last window at the edge
-    assert max(x for _, x in view.origins) == 130 - 48
+    assert max(x for _, x in view.origins) == 130 - 64
     values = [0.3, -1.2, 2.0]
     probs = Predictor(ConstantLogits(values), meta, opts).predict_proba(np.zeros((100, 130, 3), np.uint8))
     want = torch.tensor(values).softmax(0).numpy()
