@@ -18,7 +18,7 @@ from pathlib import Path
 
 from segdist.atomic import check_out_file
 from segdist.errors import UserError
-from segdist.track import read_records, save_figure
+from segdist.track import pyplot, read_records, save_figure
 
 
 def epochs(run: Path) -> list[dict]:
@@ -89,11 +89,7 @@ def summary(runs: dict[str, list[dict]], key: str, threshold: float) -> str:
 
 
 def plot(runs: dict[str, list[dict]], key: str, also: str | None, refs: list, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (name, rows) in enumerate(runs.items()):
         colour = f"C{i}"

@@ -5,10 +5,16 @@ Data flows one way through the modules named for their stage:
 with ``config`` and ``cli`` at the edges.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
 
-IGNORE_INDEX = 255
-"""Mask value excluded from losses and metrics (void pixels, augmentation padding)."""
+from .shards.reader import IGNORE_INDEX  # the public name; its home is the shard format (stdlib only)
+
+try:
+    __version__ = version("segdist")  # one home: pyproject.toml
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "unknown"
+
+__all__ = ["IGNORE_INDEX", "__version__", "load"]
 
 
 def load(ckpt, device: str = "auto", mode: str | None = None, **options):

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import kornia.augmentation as K
 import torch
 
-from . import IGNORE_INDEX
+from .shards import IGNORE_INDEX
 from .config import AugmentConfig, validate_section
 from .errors import UserError
 

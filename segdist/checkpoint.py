@@ -17,13 +17,17 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
 from .atomic import atomic_dir, atomic_write_text, glob_escape, repair_swap, sha256_file
+from .config import Config, config_from_dict
 from .errors import UserError, disk_full, disk_full_reason, limit_reason
+from .resize import as_hw
+from .shards.classes import ClassTable
 
 
 class DamagedState(UserError):
@@ -181,12 +185,73 @@ def load_state(accelerator, path: Path, extras: dict | None = None) -> dict:
         raise DamagedState(f"state {path} is damaged: {type(e).__name__}: {first}") from None
 
 
-def save_model(model, out: Path, meta: dict) -> None:
+@dataclass(frozen=True)
+class ModelMeta:
+    """What using a saved model needs, saved beside its weights as ``segdist.json`` (the record timm keeps
+    as a model's ``pretrained_cfg``): the training config -- its ``data.*`` resize rule and image size,
+    its normalisation -- and the classes. The one record inference, evaluation, export and the model
+    card read; nothing re-derives it."""
+
+    config: Config
+    class_names: tuple[str, ...]
+    num_classes: int
+    binary: bool  # one sigmoid logit per pixel; else num_classes softmax logits
+    palette: list | dict | None = None  # class colours ([[r, g, b], ...] or {"colors", "void"}) for mask PNGs
+    classes: ClassTable | None = None  # the data's class table (task, names, ids, ignore index); None: older folders
+    dataset: dict | None = None  # the training data's fingerprint (digests per split, see shards.fingerprint.summary)
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """``data.image_size`` as (H, W): the squash size, the crop and sliding window of training."""
+        return as_hw(self.config.data.image_size)
+
+    @property
+    def mean(self) -> list[float]:
+        return self.config.augment.mean
+
+    @property
+    def std(self) -> list[float]:
+        return self.config.augment.std
+
+    @property
+    def class_table(self) -> ClassTable:
+        """The class table the model was trained on; for folders saved before it was recorded, from the class
+        names (segdist's binary task is exactly its 2-class one)."""
+        if self.classes is not None:
+            return self.classes
+        return ClassTable("binary" if self.num_classes == 2 else "multiclass", self.class_names)
+
+    @property
+    def out_channels(self) -> int:
+        """Logits per pixel: 1 (binary) or K."""
+        return 1 if self.binary else self.num_classes
+
+    def to_json(self) -> dict:
+        """``segdist.json``: the config, the classes, and (for readers of older files) the input rule's keys."""
+        return {"image_size": self.config.data.image_size, "mean": self.mean, "std": self.std,
+                "class_names": list(self.class_names), "num_classes": self.num_classes, "binary": self.binary,
+                "classes": self.class_table.record(), **({"dataset": self.dataset} if self.dataset else {}),
+                "config": self.config.to_dict(), **({"palette": self.palette} if self.palette else {})}
+
+    @classmethod
+    def from_json(cls, data: dict, where: str | Path) -> ModelMeta:
+        """From :meth:`to_json` output; keys a newer segdist added are skipped, a missing one is a UserError."""
+        try:
+            classes = ClassTable.from_record(data["classes"]) if isinstance(data.get("classes"), dict) else None
+            return cls(config_from_dict(data["config"], strict=False), tuple(data["class_names"]),
+                       int(data["num_classes"]), bool(data["binary"]), data.get("palette"), classes,
+                       data.get("dataset"))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"{where} is not a segdist model description ({type(e).__name__}: {e}); the model "
+                            f"folder is damaged: pass another one (runs/<name>/best or runs/<name>/last)") from None
+
+
+def save_model(model, out: Path, meta: ModelMeta) -> None:
     """SMP ``save_pretrained`` + ``segdist.json``, swapped into ``out`` atomically (main process only); a full
     disk leaves the previous ``out`` as it was (:class:`DiskFull`)."""
     with atomic_dir(out, then=RESUME_HINT) as tmp:
         model.save_pretrained(str(tmp))
-        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1))
+        atomic_write_text(tmp / META_FILE, json.dumps(meta.to_json(), indent=1))
 
 
 def read_record(state: Path, name: str) -> dict | None:
@@ -204,7 +269,8 @@ def read_record(state: Path, name: str) -> dict | None:
     return record
 
 
-def read_meta(ckpt_dir: str | Path) -> dict:
+def read_meta(ckpt_dir: str | Path) -> ModelMeta:
+    """The :class:`ModelMeta` of model folder ``ckpt_dir``; UserError for a folder without one or a damaged file."""
     path = Path(ckpt_dir) / META_FILE
     if not Path(ckpt_dir).exists() and interrupted_swap(Path(ckpt_dir)):
         raise UserError(f"'{ckpt_dir}' is missing: a save into it was killed between its two renames, and its "
@@ -220,7 +286,7 @@ def read_meta(ckpt_dir: str | Path) -> dict:
                         f"pass another one (runs/<name>/best or runs/<name>/last)") from None
     if not isinstance(meta, dict):
         raise UserError(f"{path} holds {type(meta).__name__}, not a segdist model description; the folder is damaged")
-    return meta
+    return ModelMeta.from_json(meta, path)
 
 
 def interrupted_swap(folder: Path) -> str:

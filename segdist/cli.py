@@ -2,6 +2,9 @@
 
 Every user error surfaces as a :class:`~segdist.errors.UserError` and is printed as one line
 (``segdist: error: ...``) with exit status 2; no traceback for bad input.
+
+Each sub-command imports what it runs inside its ``_cmd_*`` function: ``segdist shards info`` or a
+config typo must not pay for torch, SMP and timm (seconds on a small machine).
 """
 
 from __future__ import annotations
@@ -10,7 +13,10 @@ import argparse
 import os
 import sys
 
+from .atomic import check_out_dir
 from .errors import REQUEUE_EXIT, Paused, UserError, disk_full_reason, os_error_line
+from .export import DEFAULT_COUNT, DEFAULT_OPSET, OPSETS
+from .infer.options import BATCH_SIZE, BLENDS, MODES, PROB_FORMATS, Options
 
 
 # ----------------------------------------------------------------------------- synth
@@ -25,7 +31,7 @@ def _synth_parser(sub) -> None:
 
 
 def _cmd_synth(args) -> int:
-    from .synth import make_synthetic
+    from .synth import make_synthetic  # lazy: see the module docstring
 
     make_synthetic(args.out, n=args.n, size=args.size, classes=args.classes, seed=args.seed)
     print(f"wrote {args.n} samples to {args.out}")
@@ -34,7 +40,7 @@ def _cmd_synth(args) -> int:
 
 # ----------------------------------------------------------------------------- shards
 def _shards_parser(sub) -> None:
-    from .shards import add_cli
+    from .shards import add_cli  # lazy: the shards package loads its CLI (OpenCV, PIL) on first use
 
     add_cli(sub)
 
@@ -48,7 +54,7 @@ def _train_parser(sub) -> None:
 
 
 def _cmd_train(args) -> int:
-    from .config import load_config
+    from .config import load_config  # lazy: see the module docstring
     from .train import run
 
     run(load_config(args.config, args.overrides))
@@ -60,7 +66,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("ckpt", help="checkpoint folder (runs/<name>/best or last)")
     p.add_argument("--shards", required=True, help="shard folder or http(s) URL with manifest.json")
     p.add_argument("--split", default="val")
-    p.add_argument("--mode", choices=("stream", "resize", "sliding"), default="stream",
+    p.add_argument("--mode", choices=("stream", *MODES), default="stream",
                    help="stream: the batched network inputs validation sees (data.image_size); resize / sliding: "
                         "each sample predicted as `segdist predict --mode` does and scored at its native resolution")
     p.add_argument("--full-res", action="store_true",
@@ -76,8 +82,7 @@ def _eval_parser(sub) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from . import evaluate as ev
-    from .atomic import check_out_dir
+    from . import evaluate as ev  # lazy: see the module docstring
 
     common = {"split": args.split, "batch_size": args.batch_size, "num_workers": args.num_workers,
               "as_json": args.json}
@@ -102,12 +107,14 @@ def _cmd_eval(args) -> int:
 # ----------------------------------------------------------------------------- predict
 def _inference_args(p) -> None:
     """How predictions are made, shared by `segdist predict` and `segdist eval --mode resize|sliding`."""
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding: window overlap; stride = window x (1 - overlap)")
-    p.add_argument("--blend", choices=("gaussian", "linear", "mean"), default="gaussian",
+    p.add_argument("--overlap", type=float, default=Options.overlap,
+                   help="sliding: window overlap; stride = window x (1 - overlap)")
+    p.add_argument("--blend", choices=BLENDS, default=Options.blend,
                    help="sliding: how overlapping windows' logits are weighted")
     p.add_argument("--tta", default="", help="test-time augmentation: 'flip', scales '0.75,1.0,1.25' or both "
                                              "('flip,0.75,1.0,1.25'); probabilities are averaged")
-    p.add_argument("--threshold", type=float, default=0.5, help="binary models: foreground where probability > this")
+    p.add_argument("--threshold", type=float, default=Options.threshold,
+                   help="binary models: foreground where probability > this")
 
 
 def _predict_parser(sub) -> None:
@@ -116,21 +123,21 @@ def _predict_parser(sub) -> None:
     p.add_argument("inputs", nargs="+", help="image files, folders, globs ('photos/*.jpg') or a shard folder")
     p.add_argument("--out", required=True, help="output folder for masks/, overlays/ and probs/")
     p.add_argument("--split", default="val", help="the split predicted from a shard folder")
-    p.add_argument("--mode", choices=("resize", "sliding"), default="resize",
+    p.add_argument("--mode", choices=MODES, default=Options.mode,
                    help="resize: the model's training resize rule (data.resize); sliding: windows of the "
                         "training size over the image")
     _inference_args(p)
-    p.add_argument("--probs", choices=("npy", "png16"), help="also write probabilities: float16 .npy (C, H, W) "
-                                                             "or 16-bit PNGs")
+    p.add_argument("--probs", choices=PROB_FORMATS, help="also write probabilities: float16 .npy (C, H, W) "
+                                                          "or 16-bit PNGs")
     p.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True, help="write overlays/")
     p.add_argument("--palette", help="JSON class colours for multi-class masks (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=8, help="network inputs (windows) per device batch")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="network inputs (windows) per device batch")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_predict)
 
 
 def _cmd_predict(args) -> int:
-    from .infer import predict_paths
+    from .infer.predict import predict_paths  # here, not at the top: it loads SMP/timm
 
     summary = predict_paths(args.ckpt, args.inputs, args.out, device=args.device, mode=args.mode, split=args.split,
                             overlap=args.overlap, blend=args.blend, tta=args.tta, threshold=args.threshold,
@@ -146,16 +153,16 @@ def _export_parser(sub) -> None:
     p.add_argument("ckpt", help="checkpoint folder (runs/<name>/best); only read")
     p.add_argument("--onnx", required=True, help="output .onnx file (written only if the check passes)")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width (multiples of 32)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (11..20)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset ({OPSETS.start}..{OPSETS.stop - 1})")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--shards", help="check on val images of this shard folder or URL (best: the training pixels)")
     src.add_argument("--images", help="check on photos from this folder (else: synthetic images)")
-    p.add_argument("--count", type=int, default=8, help="number of check images")
+    p.add_argument("--count", type=int, default=DEFAULT_COUNT, help="number of check images")
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args) -> int:
-    from .export import export_onnx
+    from .export import export_onnx  # lazy: see the module docstring
 
     for line in export_onnx(args.ckpt, args.onnx, dynamic=args.dynamic, opset=args.opset, shards=args.shards,
                             images=args.images, count=args.count):
@@ -165,7 +172,7 @@ def _cmd_export(args) -> int:
 
 # ----------------------------------------------------------------------------- bench
 def _bench_parser(sub) -> None:
-    from .bench import add_cli
+    from .bench import add_cli  # lazy: see the module docstring
 
     add_cli(sub)
 
@@ -179,7 +186,7 @@ def _demo_parser(sub) -> None:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import run_demo  # lazy: see the module docstring
 
     run_demo(args.workdir, args.overrides)
     return 0
@@ -215,13 +222,13 @@ def run_command(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .track import default_wandb_mode
+    from .track import default_wandb_mode  # lazy: track loads OpenCV
 
     default_wandb_mode()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in BATCH_LOOPS:
-        from .memory import tune_malloc
+        from .memory import tune_malloc  # lazy: only the batch loops need it
 
         # Before the first tensor: each batch's freed activations stay mapped instead of being faulted
         # in again every batch (2x for the course's loop on CPU, docs/benchmarks.md); forked loader

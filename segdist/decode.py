@@ -173,7 +173,7 @@ def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.
     blocks are only reused once their readers on the main stream are done
     (``record_stream``) closes that gap without a host sync.
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg  # lazy: only data.decode=device uses it
 
     if device.type != "cuda":
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import load_config
 from .errors import UserError
+from .train import run
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -36,8 +37,6 @@ def run_demo(workdir: str = "runs", overrides: list[str] | tuple = ()) -> dict:
     step("3/6 verify shards", ["shards", "verify", str(shards)])
     print(f"\n== 4/6 train: segdist train --config {DEMO_CONFIG.relative_to(DEMO_CONFIG.parents[1])} "
           f"data.shards={shards} train.out_dir={work}", flush=True)
-    from .train import run
-
     metrics = run(cfg)
     best = work / cfg.train.name / "best"
     step("5/6 predict", ["predict", str(best), str(data / "images"), "--out", str(work / cfg.train.name / "predict")])

@@ -7,6 +7,9 @@ small all-reduce the training step pays for that.
 
 from __future__ import annotations
 
+import signal
+import threading
+
 import torch
 from accelerate import Accelerator
 
@@ -77,14 +80,9 @@ class StopSignal:
         return self.received is not None
 
     def _handle(self, signum, frame) -> None:
-        import signal
-
         self.received = signal.Signals(signum).name
 
     def __enter__(self) -> StopSignal:
-        import signal
-        import threading
-
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             for name in self.SIGNALS:
                 sig = getattr(signal, name, None)
@@ -93,8 +91,6 @@ class StopSignal:
         return self
 
     def __exit__(self, *exc) -> None:
-        import signal
-
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()

@@ -21,20 +21,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from .atomic import atomic_write_text
 from .augment import DeviceAugment
 from .checkpoint import read_meta
 from .config import Config, config_from_dict
 from .decode import decode_mask, to_device
-from .resize import as_hw
 from .distributed import make_accelerator
-from .infer import Options, Predictor, Source, describe, options_for
+from .infer import Options, Predictor, Source, describe_options, options_for
 from .loader import OneEpoch
 from .losses import create_loss
 from .metrics import SegCounts, logits_to_pred
 from .models import load_model
+from .resize import as_hw
 from .shards import ShardSet, image_bytes, mask_bytes, open_shards, read_samples
 from .stream import ShardStream, iter_units
+from .track import plot_confusion
 
 __all__ = ["eval_session", "evaluate", "evaluate_checkpoint", "evaluate_full_res", "evaluate_native",
            "native_metrics", "report", "stream_metrics", "val_loader", "val_samples", "write_outputs"]
@@ -123,7 +126,7 @@ def eval_session(ckpt: str, shards: str) -> Iterator[EvalSession]:
     accelerator (exact kernels: counts must not depend on batch shapes); the process group is
     destroyed on the way out (NCCL warns otherwise)."""
     meta = read_meta(ckpt)
-    cfg = config_from_dict(meta["config"])
+    cfg = config_from_dict(meta.config.to_dict())  # a copy: data.shards is set to the shards evaluated on
     cfg.data.shards = shards
     exact_kernels()
     accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
@@ -157,9 +160,6 @@ def report(split: str, metrics: dict, accelerator, as_json: bool = False) -> Non
 def write_outputs(metrics: dict, out: str | Path, title: str = "") -> None:
     """``segdist eval --out DIR``: ``metrics.json`` (everything printed, with the per-class table and the
     normalised confusion matrix) and ``confusion.png``; each written atomically."""
-    from .atomic import atomic_write_text
-    from .track import plot_confusion
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
@@ -178,10 +178,10 @@ def evaluate_checkpoint(ckpt: str, shards: str, split: str = "val", batch_size: 
 
 def stream_metrics(s: EvalSession, split: str = "val", batch_size: int = 0, num_workers: int = -1) -> dict:
     """Exact metrics of the session's model on ``split`` as validation sees it (``data.image_size``)."""
-    loss_fn = create_loss(s.cfg.loss, 1 if s.meta["binary"] else s.meta["num_classes"])
+    loss_fn = create_loss(s.cfg.loss, 1 if s.meta.binary else s.meta.num_classes)
     metrics, _ = evaluate(s.model, val_loader(s.cfg, s.shards, split, s.accelerator, batch_size, num_workers),
                           s.accelerator, DeviceAugment(s.cfg.augment, train=False), loss_fn,
-                          s.meta["num_classes"], s.meta["binary"], s.meta["class_names"])
+                          s.meta.num_classes, s.meta.binary, s.meta.class_names)
     h, w = as_hw(s.cfg.data.image_size)
     metrics["resolution"] = f"the network input {h}x{w} (data.resize {s.cfg.data.resize})"
     return metrics
@@ -239,10 +239,8 @@ def native_metrics(model, meta: dict, opts: Options, cfg, shards, accelerator, s
     on the rank layout, counts TP/FP/FN/TN against the native-size mask and joins one reduce.
     Used by ``segdist eval`` and, with ``train.eval_full_res``, by every evaluation in training.
     """
-    from tqdm import tqdm
-
     predictor = Predictor(model, meta, opts, accelerator.device, batch_size, accelerator.autocast)
-    counts = SegCounts(meta["num_classes"], meta["binary"], device=accelerator.device)
+    counts = SegCounts(meta.num_classes, meta.binary, device=accelerator.device)
     total, samples = val_samples(cfg, shards, split, accelerator, num_workers)
     items = ((Source(image_bytes(smp), mask.shape, orient=False), mask)
              for smp in samples for mask in [decode_mask(mask_bytes(smp))])
@@ -253,6 +251,6 @@ def native_metrics(model, meta: dict, opts: Options, cfg, shards, accelerator, s
             counts.update(predictor.labels(probs)[None], target[None])
             bar.update()
     counts.reduce(accelerator)  # the one collective: integer counts only
-    metrics = counts.compute(meta["class_names"])
-    metrics["resolution"] = f"native ({describe(opts)})"
+    metrics = counts.compute(meta.class_names)
+    metrics["resolution"] = f"native ({describe_options(opts)})"
     return metrics

@@ -1,15 +1,15 @@
-"""What leaves segdist with a trained model: an ONNX file proven equal to PyTorch, and a model card.
+"""What leaves segdist with a trained model: an ONNX file proven equal to PyTorch.
 
 ``export_onnx(ckpt, out)`` (``segdist export CKPT --onnx OUT``) writes the model of a checkpoint
 folder (``runs/<name>/best``) with its normalisation folded in: the graph takes **uint8 RGB**
 ``(B, 3, H, W)`` and returns float32 **logits** ``(B, C, H, W)`` (C = 1 for a binary model,
-K for K classes). It is fixed at ``(1, 3, H, W)`` with ``H, W`` = ``meta["image_size"]``, or
+K for K classes). It is fixed at ``(1, 3, H, W)`` with ``H, W`` = ``meta.image_hw``, or
 with ``dynamic`` has batch, height and width axes (height and width multiples of 32).
 
 Before the file appears, onnxruntime (CPU) runs it on real images: val samples of a shard folder,
 else photos from a folder, else (the last resort) synthetic images from :mod:`segdist.synth`,
-each made into the network input by :func:`segdist.infer.network_input`, the pixels training
-sees. PyTorch runs the same uint8 inputs through :func:`segdist.augment.normalize` and the
+each made into the network input by :func:`segdist.infer.predictor.network_input`, the pixels
+training sees. PyTorch runs the same uint8 inputs through :func:`segdist.augment.normalize` and the
 model. The export is refused (a :class:`UserError`, nothing written) unless max |Δlogit| <=
 :data:`MAX_ABS` and the predicted class agrees on >= :data:`MIN_AGREEMENT` of the pixels.
 
@@ -18,8 +18,8 @@ exports the test model in ~3 s where ``dynamo=True`` takes ~50 s, and it needs n
 It is deprecated in torch; when torch drops it, switch to ``dynamo=True`` and add ``onnxscript``
 to the ``export`` extra (the parity check above catches any difference either way).
 
-``write_model_card(folder, meta, metrics)`` writes ``folder/README.md``: data, classes, input,
-recipe, metrics, and three ways to load the model.
+The graph's interface (input size, output channels, tensor names) is the one the model card
+states: :mod:`segdist.card` defines it, this module builds to it.
 """
 
 from __future__ import annotations
@@ -31,17 +31,19 @@ from pathlib import Path
 
 import cv2
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .atomic import atomic_write_bytes, atomic_write_text, check_out_file
+from .atomic import atomic_write_bytes, check_out_file
 from .augment import normalize
+from .card import INPUT, OUTPUT
+from .config import STRIDE
 from .checkpoint import read_meta
-from .resize import as_hw
+from .decode import DecodeError
 from .errors import UserError
-from .infer import network_input
 from .metrics import logits_to_pred
-from .models import load_model
+from .resize import resize_batch
+from .shards import IMAGE_EXTS, image_bytes, open_shards, read_samples
+from .synth import make_sample
 
 EXTRA = "pip install 'segdist[export]'"
 DEFAULT_OPSET = 17
@@ -51,8 +53,6 @@ MAX_ABS = 1e-3
 """Largest |ONNX logit - PyTorch logit| an export may have."""
 MIN_AGREEMENT = 0.999
 """Smallest share of pixels whose predicted class (binary: logit > 0) must agree."""
-INPUT, OUTPUT = "image", "logits"
-STRIDE = 32  # every SMP encoder downsamples 5 times
 DEFAULT_COUNT = 8
 
 
@@ -64,7 +64,7 @@ def missing_extra_message(module: str) -> str:
 
 def require_onnx():
     """``(onnx, onnxruntime)``, or a UserError saying which extra to install."""
-    try:
+    try:  # here, not at the top: the optional `export` extra, needed by this command only
         import onnx
         import onnxruntime
     except ImportError as e:
@@ -73,19 +73,6 @@ def require_onnx():
 
 
 # -- the graph ------------------------------------------------------------------------------
-def input_hw(meta: dict) -> tuple[int, int]:
-    """``meta["image_size"]`` (S, or [H, W]) as (H, W), both multiples of :data:`STRIDE`."""
-    h, w = as_hw(meta["image_size"])
-    if h % STRIDE or w % STRIDE:
-        raise UserError(f"image_size {h}x{w} in segdist.json is not a multiple of {STRIDE}; "
-                        f"the model cannot be exported at that size")
-    return h, w
-
-
-def out_channels(meta: dict) -> int:
-    return 1 if meta["binary"] else int(meta["num_classes"])
-
-
 class Uint8Model(nn.Module):
     """uint8 RGB ``(B, 3, H, W)`` -> float32 logits ``(B, C, H, W)``: normalisation, then the model.
 
@@ -104,13 +91,13 @@ class Uint8Model(nn.Module):
 def onnx_bytes(model: nn.Module, meta: dict, dynamic: bool = False, opset: int = DEFAULT_OPSET) -> bytes:
     """The ONNX model (bytes) of ``model`` with the normalisation of ``meta`` folded in.
 
-    Input ``image`` uint8 (1, 3, H, W) at ``meta["image_size"]``, or (batch, 3, height, width)
+    Input ``image`` uint8 (1, 3, H, W) at ``meta.image_hw``, or (batch, 3, height, width)
     with ``dynamic``; output ``logits`` float32 (B, C, H, W).
     """
     if opset not in OPSETS:
         raise UserError(f"--opset {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1} "
                         f"(default {DEFAULT_OPSET})")
-    h, w = input_hw(meta)
+    h, w = meta.image_hw
     axes = {0: "batch", 2: "height", 3: "width"}
     buf = io.BytesIO()
     # Silenced: the exporter's deprecation notice, and TracerWarnings for normalize's channel
@@ -118,7 +105,7 @@ def onnx_bytes(model: nn.Module, meta: dict, dynamic: bool = False, opset: int =
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(Uint8Model(model.eval(), meta["mean"], meta["std"]),
+            torch.onnx.export(Uint8Model(model.eval(), meta.mean, meta.std),
                               (torch.zeros(1, 3, h, w, dtype=torch.uint8),), buf, dynamo=False,
                               opset_version=opset, input_names=[INPUT], output_names=[OUTPUT],
                               dynamic_axes={INPUT: axes, OUTPUT: axes} if dynamic else None)
@@ -131,15 +118,12 @@ def onnx_bytes(model: nn.Module, meta: dict, dynamic: bool = False, opset: int =
 # -- the check inputs -----------------------------------------------------------------------
 def shard_inputs(shards: str, count: int) -> list[bytes]:
     """Image bytes of the first ``count`` samples of the val split (train when there is none)."""
-    from .shards import open_shards
-    from .stream import read_samples
-
     shard_set = open_shards(shards)
-    urls = shard_set.split("val" if "val" in shard_set.splits else "train")[0]
+    split = "val" if "val" in shard_set.splits else "train"
     found = []
-    for url in urls:
-        for sample in read_samples(url):
-            found.append(sample.get("image.jpg") or sample["image.png"])  # read_samples checked one is there
+    for url, ident in zip(shard_set.split(split)[0], shard_set.identity(split)):
+        for sample in read_samples(url, ident):
+            found.append(image_bytes(sample))
             if len(found) == count:
                 return found
     return found
@@ -147,8 +131,6 @@ def shard_inputs(shards: str, count: int) -> list[bytes]:
 
 def folder_inputs(folder: str, count: int) -> list[bytes]:
     """Bytes of the first ``count`` image files (sorted, recursive) under ``folder``."""
-    from .shards import IMAGE_EXTS
-
     if not Path(folder).is_dir():
         raise UserError(f"--images '{folder}' is not a folder")
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
@@ -157,8 +139,6 @@ def folder_inputs(folder: str, count: int) -> list[bytes]:
 
 def synthetic_inputs(count: int) -> list[bytes]:
     """``count`` PNGs of the embedded synthetic dataset: textured shapes, not photos."""
-    from .synth import make_sample
-
     return [cv2.imencode(".png", make_sample(i)[0][:, :, ::-1])[1].tobytes() for i in range(count)]
 
 
@@ -167,10 +147,14 @@ def check_inputs(meta: dict, shards: str | None = None, images: str | None = Non
     """The network inputs, uint8 (3, h, w) each, and where they came from, in words.
 
     From ``shards`` if given, else from the ``images`` folder, else synthetic; each made by
-    :func:`segdist.infer.network_input` (a squash model: all at ``image_size``; other resize
-    rules: each at its own size). An image that cannot be decoded is skipped; none at all is a
-    UserError.
+    :func:`segdist.infer.predictor.network_input` (a squash model: all at ``image_size``; other
+    resize rules: each at its own size). An image that cannot be decoded is skipped; none at all
+    is a UserError.
     """
+    # here, not at the top: segdist.infer.predictor loads SMP/timm, and `segdist --help` reads this
+    # module's defaults (DEFAULT_OPSET, DEFAULT_COUNT, OPSETS)
+    from .infer.predictor import network_input
+
     if count < 1:
         raise UserError(f"--count must be >= 1; got {count}")
     if shards:
@@ -183,7 +167,7 @@ def check_inputs(meta: dict, shards: str | None = None, images: str | None = Non
     for data in encoded:
         try:
             pixels.append(network_input(data, meta))
-        except ValueError:  # an unreadable file: the others still prove the export
+        except DecodeError:  # an unreadable file: the others still prove the export
             continue
     if not pixels:
         raise UserError(f"no readable image among the {len(encoded)} {source}")
@@ -191,11 +175,10 @@ def check_inputs(meta: dict, shards: str | None = None, images: str | None = Non
 
 
 def resized(images: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """uint8 ``(N, 3, h, w)`` -> uint8 ``(N, 3, *hw)``: the same pictures at another size."""
+    """uint8 ``(N, 3, h, w)`` -> uint8 ``(N, 3, *hw)``: the same pictures at another size, by the one rule."""
     if tuple(images.shape[2:]) == hw:
         return images
-    x = F.interpolate(images.float(), size=hw, mode="bilinear", align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
+    return resize_batch(list(images), hw)
 
 
 def check_batches(pixels: list[torch.Tensor], hw: tuple[int, int], dynamic: bool) -> list[list[torch.Tensor]]:
@@ -246,7 +229,7 @@ def compare(onnx_model: bytes, model: nn.Module, meta: dict, batches: list[torch
     model = model.eval()
     worst, total, logits, agree, pixels = 0.0, 0.0, 0, 0, 0
     for x in batches:
-        want = model(normalize(x, meta["mean"], meta["std"])).float()
+        want = model(normalize(x, meta.mean, meta.std)).float()
         got = torch.from_numpy(session.run([OUTPUT], {INPUT: x.numpy()})[0])
         if got.shape != want.shape:
             raise UserError(f"the ONNX model returns {tuple(got.shape)} for input {tuple(x.shape)}; "
@@ -268,6 +251,8 @@ def export_onnx(ckpt: str | Path, out: str | Path, dynamic: bool = False, opset:
     ``out`` is written (atomically) only after every check of :func:`check_batches` passes; on a
     failed one it is left as it was and a UserError gives the figures. ``ckpt`` is only read.
     """
+    from .models import load_model  # here, not at the top: SMP/timm (see check_inputs)
+
     onnx, _ = require_onnx()
     check_out_file(out, "--onnx")  # before the export and its check, not after them
     meta = read_meta(ckpt)
@@ -275,7 +260,7 @@ def export_onnx(ckpt: str | Path, out: str | Path, dynamic: bool = False, opset:
     pixels, source = check_inputs(meta, shards, images, count)  # a bad --shards fails before the export
     data = onnx_bytes(model, meta, dynamic, opset)
     onnx.checker.check_model(onnx.load_from_string(data))
-    h, w = input_hw(meta)
+    h, w = meta.image_hw
     results = [compare(data, model, meta, batches) for batches in check_batches(pixels, (h, w), dynamic)]
     for r in results:
         if not r.ok(max_abs, min_agreement):
@@ -284,134 +269,5 @@ def export_onnx(ckpt: str | Path, out: str | Path, dynamic: bool = False, opset:
     atomic_write_bytes(out, data)
     shape = "(batch, 3, height, width)" if dynamic else f"(1, 3, {h}, {w})"
     return [(f"exported {ckpt} to {out} ({len(data) / 1e6:.1f} MB, opset {opset}): uint8 RGB {shape} -> "
-             f"float32 logits with {out_channels(meta)} channel(s), normalisation inside"),
+             f"float32 logits with {meta.out_channels} channel(s), normalisation inside"),
             f"checked on {source}:", *(f"  {r}" for r in results)]
-
-
-# -- the model card -------------------------------------------------------------------------
-def _classes(meta: dict) -> str:
-    names = meta.get("class_names") or [str(i) for i in range(meta["num_classes"])]
-    listed = ", ".join(f"{i} = {n}" for i, n in enumerate(names))
-    if meta["binary"]:
-        return f"binary ({listed}): one logit per pixel, class 1 where the logit > 0"
-    return f"{len(names)} classes ({listed}): one logit per class, the class is the argmax"
-
-
-def _input_rule(data: dict, h: int, w: int) -> str:
-    """How training made an image into network pixels (``data.resize``; older checkpoints squashed)."""
-    rule = data.get("resize", "squash")
-    if rule == "short_side":
-        return (f"RGB, short side resized to {data.get('short_side') or min(h, w)} (aspect kept); "
-                f"trained on {h}x{w} (H x W) crops")
-    if rule == "none":
-        return f"RGB at its native resolution; trained on {h}x{w} (H x W) crops"
-    return f"RGB squashed to {h}x{w} (H x W), aspect not kept, as in training"
-
-
-def _recipe(cfg: dict, binary: bool) -> list[str]:
-    model, data, optim, train = (cfg.get(k, {}) for k in ("model", "data", "optim", "train"))
-    loss, augment = cfg.get("loss", {}), dict(cfg.get("augment", {}))
-    augment.pop("mean", None), augment.pop("std", None)
-    loss_name = loss.get("name")
-    if loss_name == "auto":  # config.LossConfig: auto = dice_bce for binary, dice_ce otherwise
-        loss_name = f"auto` = `{'dice_bce' if binary else 'dice_ce'}"
-    loss_args = ", ".join(f"{k}={v}" for k, v in loss.items() if k != "name")
-    return [
-        (f"- architecture: `{model.get('arch')}`, encoder `{model.get('encoder')}`, "
-         f"encoder weights at the start: `{model.get('pretrained')}`"),
-        f"- loss: `{loss_name}` ({loss_args})",
-        (f"- optimiser: `{optim.get('name')}`, lr {optim.get('lr')} (encoder lr {optim.get('encoder_lr') or 'same'}), "
-         f"weight decay {optim.get('weight_decay')}, schedule `{optim.get('scheduler')}`, "
-         f"warmup {optim.get('warmup_steps')} steps, EMA {optim.get('ema')}"),
-        (f"- epochs: {train.get('epochs')}, batch size {data.get('batch_size')} per device, "
-         f"mixed precision `{train.get('mixed_precision')}`, seed {train.get('seed')}"),
-        "- augmentation: " + ", ".join(f"{k}={v}" for k, v in augment.items()),
-    ]
-
-
-def _metrics(metrics: dict | None) -> list[str]:
-    if not metrics:
-        return ["No metrics were recorded with this card."]
-
-    def fmt(v) -> str:
-        return "n/a (absent)" if v is None else f"{v:.4f}"
-
-    when = f", epoch {metrics['epoch']}" if "epoch" in metrics else ""
-    lines = [(f"Validation ({metrics.get('num_samples', '?')} images{when}): IoU **{fmt(metrics.get('iou'))}**, "
-              f"Dice **{fmt(metrics.get('dice'))}** (exact: summed TP/FP/FN counts; binary scores the "
-              "foreground class).")]
-    if "resolution" in metrics:
-        lines[0] += f" Scored at {metrics['resolution']}."
-    if "pixel_acc" in metrics:
-        lines[0] += f" Pixel accuracy {fmt(metrics['pixel_acc'])}."
-    if "input_res" in metrics:
-        inp = metrics["input_res"]
-        lines[0] += f" At the network input: IoU {fmt(inp.get('iou'))}, Dice {fmt(inp.get('dice'))}."
-    if metrics.get("per_class"):
-        lines += ["", "| class | IoU | Dice |", "|---|---|---|"]
-        lines += [f"| {c['name']} | {fmt(c.get('iou'))} | {fmt(c.get('dice'))} |" for c in metrics["per_class"]]
-    return lines
-
-
-def model_card(folder: str | Path, meta: dict, metrics: dict | None = None) -> str:
-    """The Markdown text of :func:`write_model_card`."""
-    cfg = meta.get("config", {})
-    h, w = input_hw(meta)
-    c = out_channels(meta)
-    mean, std = list(meta["mean"]), list(meta["std"])
-    pred = "mask = logits[0, 0] > 0" if meta["binary"] else "mask = logits[0].argmax(0)"
-    return "\n".join([
-        f"# {cfg.get('model', {}).get('arch', 'SMP')} segmentation model (segdist)",
-        "",
-        "## Data",
-        f"- shards: `{cfg.get('data', {}).get('shards', '?')}`",
-        f"- classes: {_classes(meta)}",
-        f"- input: {_input_rule(cfg.get('data', {}), h, w)}",
-        f"- normalisation: `(x / 255 - mean) / std`, mean {mean}, std {std}",
-        "",
-        "## Recipe",
-        *_recipe(cfg, meta["binary"]),
-        "",
-        "## Metrics",
-        *_metrics(metrics),
-        "",
-        "## Loading it",
-        "",
-        "segdist (decode, resize and normalisation as in training; masks at the photo's size):",
-        "```python",
-        "import segdist",
-        f'p = segdist.load("{folder}")',
-        'mask = p.predict("photo.jpg")',
-        "```",
-        "",
-        "segmentation-models-pytorch alone: `smp.from_pretrained` rebuilds the model from `config.json`",
-        "(timm builds a `tu-` encoder by name) and loads `model.safetensors`; nothing is downloaded, as",
-        "`encoder_weights` is null there. `segdist.models.load_model(folder)` is the same call with",
-        "one-line errors; it is not needed. Normalise the input yourself:",
-        "```python",
-        "import segmentation_models_pytorch as smp, torch",
-        f'model = smp.from_pretrained("{folder}").eval()',
-        f"mean, std = torch.tensor({mean}).view(1, 3, 1, 1), torch.tensor({std}).view(1, 3, 1, 1)",
-        f"x = torch.zeros(1, 3, {h}, {w}, dtype=torch.uint8)  # your RGB image, H and W multiples of 32",
-        f"logits = model((x / 255 - mean) / std)  # float32 (1, {c}, {h}, {w})",
-        "```",
-        "",
-        f"ONNX Runtime, after `segdist export {folder} --onnx model.onnx` (normalisation is in the graph;",
-        "uint8 in, logits out):",
-        "```python",
-        "import numpy as np, onnxruntime as ort",
-        "from PIL import Image",
-        'session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])',
-        f'x = np.asarray(Image.open("photo.jpg").convert("RGB").resize(({w}, {h}), Image.BOX))',
-        f'logits = session.run(None, {{"{INPUT}": np.ascontiguousarray(x.transpose(2, 0, 1)[None])}})[0]',
-        f"{pred}  # logits: float32 (1, {c}, {h}, {w})",
-        "```",
-        "",
-    ])
-
-
-def write_model_card(folder: Path, meta: dict, metrics: dict | None) -> None:
-    """Write ``folder/README.md`` (atomically): data, classes, input size, normalisation, recipe,
-    ``metrics`` (as :meth:`segdist.metrics.SegCounts.compute` returns them; None: none) and how to
-    load the model with segdist, SMP and ONNX Runtime. Replaces the generic card of ``save_pretrained``."""
-    atomic_write_text(Path(folder) / "README.md", model_card(folder, meta, metrics))

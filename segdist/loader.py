@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
 import signal
+import time
+import traceback
 import weakref
 from typing import Iterator
 
@@ -88,8 +91,6 @@ def _worker_loop(stream: ShardStream, w: int, start_epoch: int, end_epoch: int |
     except (_Stop, BrokenPipeError, ConnectionResetError):
         pass  # closed, or nobody is reading any more
     except BaseException as e:  # noqa: BLE001 -- reported to, and raised in, the training process
-        import traceback
-
         user = isinstance(e, UserError)
         try:
             conn.send(("error", epoch, 0, str(e) if user else traceback.format_exc(), user))
@@ -100,8 +101,6 @@ def _worker_loop(stream: ShardStream, w: int, start_epoch: int, end_epoch: int |
 
 
 def _shutdown(procs: list, stop, readers: list, timeout: float = 5.0) -> None:
-    import time
-
     stop.set()
     for r in readers:
         r.close()  # a worker blocked sending gets a broken pipe and exits
@@ -119,8 +118,6 @@ def check_shared_memory(need: int, path: str = "/dev/shm", ranks: int = 1) -> No
 
     ``ranks``: processes on this node allocating the same (they all check the same free space).
     """
-    import shutil
-
     try:
         free = shutil.disk_usage(path).free
     except OSError:

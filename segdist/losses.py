@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import IGNORE_INDEX
+from .shards import IGNORE_INDEX
 from .config import LossConfig
 from .errors import UserError
 from .registry import Registry

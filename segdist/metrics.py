@@ -3,8 +3,9 @@
 Shaped like torchvision's ``ConfusionMatrix``: :meth:`SegCounts.update` adds a ``bincount`` of
 ``K * truth + pred`` to an int64 confusion matrix (``ignore_index`` pixels excluded),
 :meth:`SegCounts.reduce` sums it across processes with one ``all_reduce``, and
-:meth:`SegCounts.compute` turns it into per-class TP/FP/FN, IoU and Dice. Because only integer counts cross ranks, the result is identical for any world size
-and any batch split; per-batch or per-rank scores are never averaged.
+:meth:`SegCounts.compute` turns it into per-class TP/FP/FN, IoU and Dice. Because only integer
+counts cross ranks, the result is identical for any world size and any batch split; per-batch or
+per-rank scores are never averaged.
 
 Binary tasks are counted as two classes (0 = background, 1 = foreground); their headline
 ``iou``/``dice`` is the foreground class, as in the classic recipe. Multi-class headline scores
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import IGNORE_INDEX
+from .shards import IGNORE_INDEX
 
 
 class SegCounts:

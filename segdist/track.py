@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import netrc
 import os
 from pathlib import Path
 
@@ -29,8 +30,6 @@ def wandb_logged_in() -> bool:
     """An API key in the environment or in ~/.netrc (what `wandb login` writes)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    import netrc
-
     try:
         return netrc.netrc().authenticators("api.wandb.ai") is not None
     except (OSError, netrc.NetrcParseError):
@@ -108,7 +107,7 @@ class RunLog:
         if not self.acc.is_main_process or self.backend == "none":
             return
         if self.backend == "wandb":
-            import wandb
+            import wandb  # lazy: only W&B runs need it, and it takes seconds to import
 
             self.acc.get_tracker("wandb").log({name: wandb.Image(str(path))}, step=step)
         else:
@@ -123,7 +122,7 @@ class RunLog:
         ok, png = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
         atomic_write_bytes(self.dir / "overlays" / f"epoch-{epoch:03d}.png", png.tobytes())
         if self.backend == "wandb":
-            import wandb
+            import wandb  # lazy: only W&B runs need it, and it takes seconds to import
 
             labels = {i: n for i, n in enumerate(class_names)}
             media = [wandb.Image(img, masks={"ground_truth": {"mask_data": gt, "class_labels": labels},
@@ -157,10 +156,20 @@ def overlay_grid(images: list[np.ndarray], gts: list[np.ndarray], preds: list[np
     return np.concatenate(rows, 0)
 
 
-def save_figure(fig, out: Path) -> None:
-    """Write a matplotlib figure to ``out`` (PNG) atomically and close it: a reader never sees half a file."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display), imported on first use: plots are drawn once per
+    evaluation, and the import costs a fraction of a second every command would pay otherwise."""
+    import matplotlib  # lazy: see the docstring
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, out: Path) -> None:
+    """Write a matplotlib figure to ``out`` (PNG) atomically and close it: a reader never sees half a file."""
+    plt = pyplot()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -170,10 +179,7 @@ def save_figure(fig, out: Path) -> None:
 
 def plot_curves(metrics_path: Path, out: Path) -> None:
     """``curves.png``: train/val loss and val IoU/Dice per epoch, from ``metrics.jsonl``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows, _ = read_records(metrics_path)
     ep = [r for r in rows if r.get("event") == "epoch"]
@@ -196,10 +202,7 @@ def plot_curves(metrics_path: Path, out: Path) -> None:
 
 def plot_confusion(confusion, class_names: list[str], out: Path, title: str = "") -> None:
     """A normalised confusion matrix (K, K) (rows: truth, each summing to 1) as a PNG heat map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     k = len(class_names)
     side = min(4 + 0.22 * k, 18)

@@ -22,13 +22,14 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .augment import DeviceAugment
-from .checkpoint import repair_run_folder, save_model, save_state
+from .card import write_model_card
+from .checkpoint import ModelMeta, repair_run_folder, save_model, save_state
 from .config import Config, save_config
 from .decode import to_device
 from .distributed import StopSignal, agree, make_accelerator, sync_buffers
 from .errors import Paused, UserError
-from .evaluate import evaluate, val_loader
-from .export import write_model_card
+from .evaluate import evaluate, native_metrics, val_loader, with_input_res
+from .infer import options_for
 from .loader import Loader
 from .losses import check_loss_config, class_weights, create_loss
 from .models import check_model_config, create_model
@@ -40,7 +41,7 @@ from .runlock import hold_run_folder
 from .stream import ShardStream, batches_per_epoch
 from .track import RunLog, init_trackers, overlay_grid, plot_confusion, plot_curves, tracker_names
 
-__all__ = ["run", "Loop", "train_one_epoch", "evaluate_and_save"]
+__all__ = ["Loop", "evaluate_and_save", "run", "train_one_epoch"]
 
 @dataclass
 class Trainer:
@@ -51,7 +52,7 @@ class Trainer:
     accelerator: object
     run_dir: Path
     shards: ShardSet
-    meta: dict  # what inference needs (image size, normalisation, classes), saved beside each model
+    meta: ModelMeta  # what using the model needs (config, classes), saved beside each model
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -92,7 +93,7 @@ def run(cfg: Config) -> dict:
             acc.end_training()
             return {}
         open_run(t)
-        acc.print(describe(t))
+        acc.print(describe_run(t))
         # One loader for the whole run: its workers decode on into the next epoch while this one ends.
         with Loader(train_stream(t, loop), start_epoch=loop.epoch, end_epoch=cfg.train.epochs,
                     start_batch=loop.batch, prefetch=cfg.data.prefetch) as loader:
@@ -101,7 +102,7 @@ def run(cfg: Config) -> dict:
                 if loop.epoch % cfg.train.eval_every == 0 or loop.epoch == cfg.train.epochs:
                     metrics, best_iou = evaluate_and_save(t, loop)
                     loop = dataclasses.replace(loop, best_iou=best_iou, best_at=scored_at(cfg))
-                    record |= val_record(metrics, t.meta["binary"])
+                    record |= val_record(metrics, t.meta.binary)
                 t.log.log(record, loop.step)
                 acc.print(summary_line(record))
                 save(t, loop)
@@ -222,7 +223,7 @@ def evaluate_and_save(t: Trainer, loop: Loop) -> tuple[dict, float]:
     model = t.eval_model()
     sync_buffers(model, acc)
     metrics, shown = evaluate(model, val_loader(t.cfg, t.shards, "val", acc), acc, t.eval_aug, t.loss_fn,
-                              t.meta["num_classes"], t.meta["binary"], t.meta["class_names"],
+                              t.meta.num_classes, t.meta.binary, t.meta.class_names,
                               overlays=t.cfg.train.overlays)
     if t.cfg.train.eval_full_res:
         metrics = full_res_metrics(t, model, metrics)
@@ -233,22 +234,19 @@ def evaluate_and_save(t: Trainer, loop: Loop) -> tuple[dict, float]:
         if improved or not (t.run_dir / "best").exists():
             save_model(model, t.run_dir / "best", t.meta)
             write_model_card(t.run_dir / "best", t.meta, {**metrics, "epoch": loop.epoch})
-        plot_confusion(metrics["confusion"], t.meta["class_names"], t.run_dir / "confusion.png",
+        plot_confusion(metrics["confusion"], t.meta.class_names, t.run_dir / "confusion.png",
                        f"val, epoch {loop.epoch}")
         t.log.log_png("val/confusion", t.run_dir / "confusion.png", loop.step)
         if shown["images"]:
             images = [np.ascontiguousarray(im) for im in shown["images"]]
-            t.log.log_overlays(overlay_grid(images, shown["gts"], shown["preds"], t.meta["num_classes"]), images,
-                               shown["gts"], shown["preds"], t.meta["class_names"], loop.step, loop.epoch)
+            t.log.log_overlays(overlay_grid(images, shown["gts"], shown["preds"], t.meta.num_classes), images,
+                               shown["gts"], shown["preds"], t.meta.class_names, loop.step, loop.epoch)
     return metrics, iou if improved else best_iou
 
 
 def full_res_metrics(t: Trainer, model, at_input: dict) -> dict:
     """``train.eval_full_res``: the val split scored at each mask's stored resolution (the headline),
     with the network-input scores ``at_input`` kept under ``"input_res"``."""
-    from .evaluate import native_metrics, with_input_res
-    from .infer import options_for
-
     cfg = t.cfg
     opts = options_for(t.meta, "resize", tta="" if cfg.train.eval_tta == "none" else cfg.train.eval_tta)
     full = native_metrics(model, t.meta, opts, cfg, t.shards, t.accelerator, "val",
@@ -287,10 +285,8 @@ def setup(cfg: Config, stop: StopSignal, owned: contextlib.ExitStack) -> Trainer
     if cfg.model.compile:
         model = torch.compile(model)
     log = RunLog(acc, run_dir, cfg.track.backend)
-    meta = {"image_size": cfg.data.image_size, "mean": cfg.augment.mean, "std": cfg.augment.std,
-            "class_names": shards.class_names, "num_classes": shards.num_classes, "binary": out_ch == 1,
-            "classes": class_table(shards).record(), "dataset": summary(dataset, cfg.data.shards),
-            "config": cfg.to_dict(), **({"palette": shards.palette} if shards.palette else {})}
+    meta = ModelMeta(cfg, tuple(shards.class_names), shards.num_classes, out_ch == 1, shards.palette,
+                     class_table(shards), summary(dataset, cfg.data.shards))
     loss_fn = create_loss(cfg.loss, out_ch, class_weights(shards.manifest, cfg.loss.class_weights))
     return Trainer(cfg, stop, acc, run_dir, shards, meta, model, optimizer, scheduler, ema, loss_fn,
                    DeviceAugment(cfg.augment, train=True), DeviceAugment(cfg.augment, train=False), log,
@@ -411,7 +407,7 @@ def val_record(metrics: dict, binary: bool) -> dict:
     return rec
 
 
-def describe(t: Trainer) -> str:
+def describe_run(t: Trainer) -> str:
     cfg, world = t.cfg, t.accelerator.num_processes
     bs, acc_n = cfg.data.batch_size, cfg.optim.accumulate
     n_train, n_val = (sum(t.shards.split(s)[1]) for s in ("train", "val"))

@@ -43,3 +43,27 @@ def make_small_shards(base: Path) -> Path:
     out = base / "shards"
     build_shards(base / "syn", out, samples_per_shard=6, workers=1, progress=False)
     return out
+
+
+CAMVID_CLASSES = REPO / "configs" / "camvid_classes.json"
+
+
+def make_camvid_like(root: Path, counts=(("train", 6), ("val", 6), ("test", 6)), size=(36, 48), seed: int = 0,
+                     mask_suffix: str = "annot") -> Path:
+    """SegNet's CamVid layout in miniature: ``{split}/`` RGB PNGs and ``{split}{mask_suffix}/`` masks of the same
+    name holding class ids 0-10 in blocks, plus 11 (void) along the top row."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    for split, n in counts:
+        (root / split).mkdir(parents=True, exist_ok=True)
+        (root / f"{split}{mask_suffix}").mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            blocks = rng.integers(0, 11, size=(h // 6 + 1, w // 6 + 1))
+            mask = np.kron(blocks, np.ones((6, 6), np.int64))[:h, :w].astype(np.uint8)
+            mask[0] = 11
+            image = (mask[..., None] * np.array([23, 57, 91]) % 256 + rng.integers(0, 20, (h, w, 3))).astype(np.uint8)
+            name = f"0001TP_{i:06d}.png"
+            Image.fromarray(image).save(root / split / name)
+            Image.fromarray(mask).save(root / f"{split}{mask_suffix}" / name)
+    (root / "train.txt").write_text("a SegNet list file: not data\n")
+    return root

@@ -33,13 +33,11 @@ def shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A tiny untrained binary model folder (64 px, no pretrained weights), as `save_model` writes it."""
-    from segdist.checkpoint import save_model
+    from segdist.checkpoint import ModelMeta, save_model
     from segdist.config import load_config
     from segdist.models import create_model
 
     cfg = load_config(None, ["model.pretrained=none", "data.image_size=64"])
     out = tmp_path_factory.mktemp("ckpt") / "best"
-    meta = {"image_size": 64, "mean": cfg.augment.mean, "std": cfg.augment.std,
-            "class_names": ["background", "person"], "num_classes": 2, "binary": True, "config": cfg.to_dict()}
-    save_model(create_model(cfg.model, 1), out, meta)
+    save_model(create_model(cfg.model, 1), out, ModelMeta(cfg, ("background", "person"), 2, True))
     return out

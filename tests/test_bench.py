@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from segdist.bench import BenchArgs, PeakRss, read_course_csv, run_data_bench, time_epochs, tree_rss
+from segdist.bench import BenchArgs, PeakRss, read_course_csv, run_data_bench, time_epochs
 from segdist.cli import main
 from segdist.errors import UserError
 from tests.conftest import HUMAN_SEG, REPO, require_dataset

@@ -46,7 +46,7 @@ def test_device_decode_under_queued_work_equals_cpu_decode(tmp_path):
 
 
 def test_two_process_nccl_eval_equals_one_process(tmp_path):
-    from segdist.checkpoint import save_model
+    from segdist.checkpoint import ModelMeta, save_model
     from segdist.config import load_config
     from segdist.models import create_model
 
@@ -55,9 +55,7 @@ def test_two_process_nccl_eval_equals_one_process(tmp_path):
     shards = write_shards(tmp_path / "s", {"val": [7, 5, 2]}, size=64)
     cfg = load_config(None, ["model.pretrained=none", "data.image_size=64"])
     ckpt = tmp_path / "best"
-    save_model(create_model(cfg.model, 1), ckpt, {"image_size": 64, "mean": cfg.augment.mean, "std": cfg.augment.std,
-                                                   "class_names": ["bg", "fg"], "num_classes": 2, "binary": True,
-                                                   "config": cfg.to_dict()})
+    save_model(create_model(cfg.model, 1), ckpt, ModelMeta(cfg, ("bg", "fg"), 2, True))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = []
     for launcher in ([sys.executable], [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes",

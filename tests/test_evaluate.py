@@ -46,7 +46,7 @@ def mixed_ckpt(tmp_path_factory, photo_shards):
     """A tiny untrained binary model (64 px) whose output bias puts its median logit on the val photos
     at 0, so its masks mix both classes and the counts below are not trivially all-background."""
     from segdist.augment import normalize
-    from segdist.checkpoint import save_model
+    from segdist.checkpoint import ModelMeta, save_model
     from segdist.config import load_config
     from segdist.models import create_model
 
@@ -57,9 +57,7 @@ def mixed_ckpt(tmp_path_factory, photo_shards):
     with torch.no_grad():
         model.segmentation_head[0].bias -= model(x).median()
     out = tmp_path_factory.mktemp("mixed") / "best"
-    meta = {"image_size": 64, "mean": cfg.augment.mean, "std": cfg.augment.std,
-            "class_names": ["background", "person"], "num_classes": 2, "binary": True, "config": cfg.to_dict()}
-    save_model(model, out, meta)
+    save_model(model, out, ModelMeta(cfg, ("background", "person"), 2, True))
     return out
 
 
@@ -87,7 +85,7 @@ def test_native_resize_eval_equals_a_hand_count(mixed_ckpt, photo_shards, capsys
     from segdist.models import load_model
 
     meta, model = read_meta(mixed_ckpt), load_model(mixed_ckpt)
-    mean, std = torch.tensor(meta["mean"]).view(3, 1, 1), torch.tensor(meta["std"]).view(3, 1, 1)
+    mean, std = torch.tensor(meta.mean).view(3, 1, 1), torch.tensor(meta.std).view(3, 1, 1)
     want, shapes = np.zeros((2, 3), np.int64), set()
     for s in val_samples(photo_shards):
         img, gt = rgb(s), cv2.imdecode(np.frombuffer(s["mask.png"], np.uint8), cv2.IMREAD_UNCHANGED)

@@ -2,46 +2,34 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
 import sys
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
+from segdist.card import write_model_card
+from segdist.checkpoint import read_meta
 from segdist.errors import UserError
-from segdist.export import (
-    check_inputs,
-    compare,
-    export_onnx,
-    input_hw,
-    missing_extra_message,
-    onnx_bytes,
-    require_onnx,
-    write_model_card,
-)
+from segdist.export import check_inputs, compare, export_onnx, missing_extra_message, onnx_bytes, require_onnx
 from tests.conftest import HUMAN_SEG, REPO, require_dataset
-
-import onnx  # noqa: E402 -- dev dependencies: a broken install fails here instead of skipping the module
-import onnxruntime as ort  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ckpt3(tmp_path_factory):
     """A tiny untrained 3-class model folder (64 px), made as conftest's binary ``ckpt``."""
-    from segdist.checkpoint import save_model
+    from segdist.checkpoint import ModelMeta, save_model
     from segdist.config import load_config
     from segdist.models import create_model
 
     cfg = load_config(None, ["model.pretrained=none", "data.image_size=64"])
     out = tmp_path_factory.mktemp("ckpt3") / "best"
-    meta = {"image_size": 64, "mean": cfg.augment.mean, "std": cfg.augment.std,
-            "class_names": ["background", "shirt", "pants"], "num_classes": 3, "binary": False,
-            "config": cfg.to_dict()}
-    save_model(create_model(cfg.model, 3), out, meta)
+    save_model(create_model(cfg.model, 3), out, ModelMeta(cfg, ("background", "shirt", "pants"), 3, False))
     return out
 
 
@@ -157,13 +145,9 @@ def test_cli_errors_are_one_line(ckpt, tmp_path, capsys, monkeypatch):
         require_onnx()
 
 
-def test_input_size_accepts_s_and_hw():
-    assert input_hw({"image_size": 64}) == (64, 64)
-    assert input_hw({"image_size": [96, 128]}) == (96, 128)
-    with pytest.raises(UserError, match="multiple of 32"):
-        input_hw({"image_size": [100, 64]})
+def test_unsupported_opset_is_refused(ckpt):
     with pytest.raises(UserError, match="--opset 30"):
-        onnx_bytes(torch.nn.Identity(), {"image_size": 64}, opset=30)
+        onnx_bytes(torch.nn.Identity(), read_meta(ckpt), opset=30)
 
 
 METRICS = {"iou": 0.8123, "dice": 0.8964, "num_samples": 48,
@@ -174,8 +158,8 @@ METRICS = {"iou": 0.8123, "dice": 0.8964, "num_samples": 48,
 def test_model_card_documents_the_model_and_its_loading_snippets_work(ckpt, exported, tmp_path, monkeypatch):
     folder = tmp_path / "run" / "best"
     shutil.copytree(ckpt, folder)
-    meta = json.loads((folder / "segdist.json").read_text())
-    meta["config"]["data"]["shards"] = "runs/human-seg-shards"
+    meta = read_meta(folder)
+    meta.config.data.shards = "runs/human-seg-shards"
     write_model_card(folder, meta, METRICS)
     card = (folder / "README.md").read_text()
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors", "segdist.json"]
@@ -186,19 +170,19 @@ def test_model_card_documents_the_model_and_its_loading_snippets_work(ckpt, expo
                    "onnxruntime", '"image"'):
         assert needle in card, needle
     blocks = re.findall(r"```python\n(.*?)```", card, re.DOTALL)
-    assert len(blocks) == 3
-    # the SMP and ONNX Runtime snippets run as written
-    smp_ns: dict = {}
-    exec(blocks[1], smp_ns)  # noqa: S102 -- the card's own snippet, written by this test
-    assert tuple(smp_ns["logits"].shape) == (1, 1, 64, 64)
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(exported[0], "model.onnx")
+    assert len(blocks) == 4  # segdist; the network input with OpenCV/numpy; SMP alone; ONNX Runtime
+    # the input recipe, then the SMP and ONNX Runtime snippets that use it, run as written
     from tests.shardutil import sample_bytes
 
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(exported[0], "model.onnx")
     (tmp_path / "photo.jpg").write_bytes(sample_bytes(0, 90, "jpg")[0])
-    ort_ns: dict = {}
-    exec(blocks[2], ort_ns)  # noqa: S102 -- likewise
-    assert ort_ns["logits"].shape == (1, 1, 64, 64) and ort_ns["mask"].shape == (64, 64)
+    ns: dict = {}
+    exec(blocks[1], ns)  # noqa: S102 -- the card's own snippet, written by this test
+    exec(blocks[2], ns)  # noqa: S102 -- likewise
+    assert tuple(ns["logits"].shape) == (1, 1, 64, 64)
+    exec(blocks[3], ns)  # noqa: S102 -- likewise
+    assert ns["logits"].shape == (1, 1, 64, 64) and ns["mask"].shape == (64, 64)
     segdist_ns: dict = {}
     exec(blocks[0], segdist_ns)  # noqa: S102 -- likewise
     assert segdist_ns["mask"].shape == (90, 90)
@@ -208,7 +192,6 @@ def test_model_card_documents_the_model_and_its_loading_snippets_work(ckpt, expo
 
 
 def test_model_card_multiclass(ckpt3, tmp_path):
-    meta = json.loads((ckpt3 / "segdist.json").read_text())
-    write_model_card(tmp_path, meta, None)
+    write_model_card(tmp_path, read_meta(ckpt3), None)
     card = (tmp_path / "README.md").read_text()
     assert "3 classes (0 = background, 1 = shirt, 2 = pants)" in card and "argmax(0)" in card

@@ -1,4 +1,5 @@
-"""Predict: masks, overlays and probabilities at each input's original size in every mode; bad inputs are clear errors."""
+"""Predict: masks, overlays and probabilities at each input's original size in every mode; bad inputs are clear
+errors."""
 
 from __future__ import annotations
 
@@ -121,7 +122,8 @@ def test_train_eval_and_predict_make_byte_identical_network_input(tmp_path):
     import webdataset as wds
 
     from segdist.augment import DeviceAugment, normalize
-    from segdist.config import AugmentConfig
+    from segdist.checkpoint import ModelMeta
+    from segdist.config import AugmentConfig, load_config
     from segdist.infer import network_input
     from tests.shardutil import make_loader
 
@@ -132,8 +134,7 @@ def test_train_eval_and_predict_make_byte_identical_network_input(tmp_path):
         for k, data in raw.items():
             w.write({"__key__": k, "image.jpg": data, "mask.png": mask})
     size = 96
-    meta = {"image_size": size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-            "config": {"data": {"reduced_decode": True}}}
+    meta = ModelMeta(load_config(None, [f"data.image_size={size}"]), ("bg", "fg"), 2, True)
     rows = {}
     for train in (True, False):
         loader = make_loader([str(tmp_path / "s.tar")], [len(raw)], batch_size=2, image_size=size, train=train,
@@ -147,7 +148,7 @@ def test_train_eval_and_predict_make_byte_identical_network_input(tmp_path):
         assert want.dtype == torch.uint8 and want.shape == (3, size, size)
         assert all(torch.equal(got, want) for got in rows[k]), k
         x_eval, _ = DeviceAugment(AugmentConfig(), train=False)(rows[k][1][None], torch.zeros(1, size, size))
-        assert torch.equal(x_eval, normalize(want[None], meta["mean"], meta["std"]))
+        assert torch.equal(x_eval, normalize(want[None], meta.mean, meta.std))
 
 
 # ----------------------------------------------------------------------------- modes, TTA, blending
@@ -164,9 +165,8 @@ def predictor(ckpt, mode="resize", data=None, image_size=None, batch_size=4, **o
     from segdist.infer import Predictor, options_for
 
     meta = copy.deepcopy(read_meta(ckpt))
-    meta["config"]["data"].update(data or {})
-    if image_size is not None:
-        meta["image_size"] = meta["config"]["data"]["image_size"] = image_size
+    for k, v in {**(data or {}), **({"image_size": image_size} if image_size is not None else {})}.items():
+        setattr(meta.config.data, k, v)
     return Predictor(loaded(ckpt), meta, options_for(meta, mode, **options), "cpu", batch_size=batch_size)
 
 
@@ -221,13 +221,17 @@ class ConstantLogits(torch.nn.Module):
 @pytest.mark.parametrize("blend", ["gaussian", "linear", "mean"])
 @pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.75])
 def test_blend_weights_sum_to_one_at_every_pixel(blend, overlap):
+    from segdist.checkpoint import ModelMeta
+    from segdist.config import load_config
     from segdist.infer import Predictor, options_for, plan_views
 
-    meta = {"image_size": [32, 48], "mean": [0.5] * 3, "std": [0.25] * 3, "config": {"data": {}}}
+    cfg = load_config(None, ["data.image_size=[32, 64]", "augment.mean=[0.5, 0.5, 0.5]",
+                             "augment.std=[0.25, 0.25, 0.25]"])
+    meta = ModelMeta(cfg, ("a", "b", "c"), 3, False)
     opts = options_for(meta, "sliding", overlap=overlap, blend=blend)
     (view,) = plan_views(opts, (100, 130))
     assert len(view.origins) > 4 and max(y for y, _ in view.origins) == 100 - 32  # last window at the edge
-    assert max(x for _, x in view.origins) == 130 - 48
+    assert max(x for _, x in view.origins) == 130 - 64
     values = [0.3, -1.2, 2.0]
     probs = Predictor(ConstantLogits(values), meta, opts).predict_proba(np.zeros((100, 130, 3), np.uint8))
     want = torch.tensor(values).softmax(0).numpy()
@@ -272,15 +276,13 @@ def test_glob_and_shard_folder_inputs(ckpt, tmp_path):
 @pytest.fixture(scope="module")
 def ckpt3(tmp_path_factory):
     """A tiny untrained 3-class model with class colours in its meta (the shards --palette format)."""
-    from segdist.checkpoint import save_model
+    from segdist.checkpoint import ModelMeta, save_model
     from segdist.config import load_config
     from segdist.models import create_model
 
     cfg = load_config(None, ["model.pretrained=none", "data.image_size=64"])
     out = tmp_path_factory.mktemp("ckpt3") / "best"
-    meta = {"image_size": 64, "mean": cfg.augment.mean, "std": cfg.augment.std, "class_names": ["bg", "shirt", "hair"],
-            "num_classes": 3, "binary": False, "config": cfg.to_dict(),
-            "palette": [[0, 0, 0], [220, 20, 60], [30, 144, 255]]}
+    meta = ModelMeta(cfg, ("bg", "shirt", "hair"), 3, False, [[0, 0, 0], [220, 20, 60], [30, 144, 255]])
     save_model(create_model(cfg.model, 3), out, meta)
     return out
 

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from segdist import shards
 from segdist.errors import UserError
 from segdist.synth import make_synthetic
-from tests.buildutil import decode, make_small_shards, read_samples, run_cli
+from tests.buildutil import CAMVID_CLASSES, decode, make_camvid_like, make_small_shards, read_samples, run_cli
 from tests.conftest import CLOTHING, HUMAN_SEG, REPO, require_dataset
 
 
@@ -337,6 +337,23 @@ def test_split_folders_mask_pattern_and_nested_folders(tmp_path):
     assert {s: v["samples"] for s, v in m["splits"].items()} == {"train": 3, "val": 2}
     assert set(m["sources"]) == {"train_deep_0", "train_deep_1", "train_deep_2", "val_deep_3", "val_deep_4"}
     assert m["source"]["kind"] == "split-folders" and m["split"] == {"method": "given"}
+
+
+def test_segnet_camvid_layout_via_cli_gives_three_splits_11_classes_and_void(tmp_path):
+    src = make_camvid_like(tmp_path / "CamVid", counts=(("train", 6), ("val", 4), ("test", 5)))
+    out = tmp_path / "shards"
+    r = run_cli("shards", "build", src, "--out", out, "--void", 11, "--classes", CAMVID_CLASSES, "--workers", 1)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["task"], m["num_classes"], m["source"]["kind"]) == ("multiclass", 11, "split-folders")
+    assert m["class_names"][2] == "pole" and m["class_names"][-1] == "bicyclist"
+    assert {s: v["samples"] for s, v in m["splits"].items()} == {"train": 6, "val": 4, "test": 5}
+    assert m["split"] == {"method": "given"} and m["counts"]["skipped"] == 0
+    assert all(v["void_pixels"] == v["samples"] * 48 for v in m["splits"].values())  # the top row of each mask
+    for key, files in read_samples(out).items():
+        split, _, name = key.partition("_")
+        source = np.asarray(Image.open(src / f"{split}annot" / f"{name}.png"))
+        np.testing.assert_array_equal(decode(files["mask.png"]), np.where(source == 11, 255, source))
 
 
 def test_unknown_mask_values_error_ignore_and_skip(tmp_path):

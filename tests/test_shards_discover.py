@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from segdist import shards
+from segdist.errors import UserError
 from segdist.shards.discover import _pairs_from_raw
+from tests.buildutil import make_camvid_like
 from tests.conftest import CLOTHING, require_dataset
 
 
@@ -27,3 +31,23 @@ def test_keys_are_webdataset_safe_and_unique():
     pairs = _pairs_from_raw([("a.b", Path("/i1"), Path("/m1"), None), ("a_b", Path("/i2"), Path("/m2"), None),
                              ("a/b", Path("/i3"), Path("/m3"), None)], Path("/"))
     assert sorted(p.key for p in pairs) == ["a_b", "a_b_2", "a_b_3"]
+
+
+@pytest.mark.parametrize("suffix", ["annot", "_labels", "anno"])
+def test_segnet_layout_pairs_split_folders_with_their_mask_folders(tmp_path, suffix):
+    root = make_camvid_like(tmp_path / "CamVid", counts=(("train", 3), ("val", 2), ("test", 2)), mask_suffix=suffix)
+    found = shards.discover(root)
+    assert found.kind == "split-folders" and not found.skipped
+    assert {p.split for p in found.pairs} == {"train", "val", "test"}
+    assert sum(p.split == "test" for p in found.pairs) == 2
+    for p in found.pairs:  # matched by stem, each image with the mask of its own split
+        image, mask = Path(p.image), Path(p.mask)
+        assert image.name == mask.name and mask.parent.name == f"{image.parent.name}{suffix}"
+    assert found.extra["splits"]["test"]["masks"].endswith(f"test{suffix}")
+
+
+def test_segnet_layout_with_two_mask_folders_for_a_split_is_refused(tmp_path):
+    root = make_camvid_like(tmp_path / "CamVid", counts=(("train", 2),))
+    (root / "train_labels").mkdir()
+    with pytest.raises(UserError, match="several mask folders for 'train'.*trainannot.*train_labels"):
+        shards.discover(root)

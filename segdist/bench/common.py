@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 
 from ..errors import UserError
+from ..shards import build_shards
 
 DEFAULT_SOURCE = "../shared/datasets/human-segmentation"
 MB = 1024 * 1024
@@ -151,8 +152,6 @@ def source_csv(source: str) -> Path:
 
 def build_bench_shards(rows: list[tuple[str, str]], out: Path, max_side: int, workers: int) -> Path:
     """All ``rows`` as one train split (no val) in ``out``; downscaled images are re-encoded as JPEG."""
-    from ..shards import build_shards
-
     src = out.parent / "source.csv"
     with open(src, "w", newline="") as f:  # absolute paths: the same samples the course reads
         w = csv.writer(f)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import segmentation_models_pytorch as smp
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -71,7 +72,7 @@ class CourseDataset(Dataset):
 
 
 def course_loader(rows: list[tuple[str, str]], size: int, batch: int, workers: int) -> DataLoader:
-    import albumentations as A
+    import albumentations as A  # lazy: a dev dependency, needed by the course's baseline only
 
     # is_check_shapes=False: 198 of the 290 masks are stored smaller than their image; Resize fixes both.
     # Workers inherit cv2.setNumThreads(1) from segdist.decode's import; on 2 cores the course measured
@@ -84,8 +85,6 @@ def course_loader(rows: list[tuple[str, str]], size: int, batch: int, workers: i
 def course_stepper(args, rows: list, urls: list, sizes: list, stack: contextlib.ExitStack):
     """The course's loop, as the course writes it: Unet + Dice(binary) + BCEWithLogits, Adam(3e-3),
     float batches from ``course_loader`` (a new DataLoader iterator every epoch)."""
-    import segmentation_models_pytorch as smp
-
     device = torch.device(args.device)
     model = smp.Unet(encoder_name="tu-efficientnet_lite0", encoder_weights=None, in_channels=3, classes=1,
                      activation=None).to(device)

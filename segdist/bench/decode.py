@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable
 
@@ -27,9 +28,7 @@ def _cv2_reduced(data: bytes, size: int) -> np.ndarray:
 
 
 def _pil_draft(data: bytes, size: int) -> np.ndarray:
-    import io
-
-    from PIL import Image
+    from PIL import Image  # lazy, like each decoder below: one import per measured decoder, not for all
 
     im = Image.open(io.BytesIO(data))
     im.draft("RGB", (size, size))  # libjpeg DCT scaling, keeps both sides >= size
@@ -44,7 +43,7 @@ def _torchvision(data: bytes, size: int) -> np.ndarray:
 
 
 def _simplejpeg(data: bytes, size: int) -> np.ndarray:
-    import simplejpeg
+    import simplejpeg  # lazy: a dev dependency, only this bench row needs it
 
     return resize_to(simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size, min_width=size), (size, size))
 

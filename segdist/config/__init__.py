@@ -7,9 +7,9 @@ the nearest valid key, bad value -> the allowed range) are written once, in :mod
 
 from .load import (config_from_dict, load_config, read_yaml, save_config, sections, valid_keys, validate,
                    validate_section)
-from .schema import (RESIZE_MODES, AugmentConfig, Config, DataConfig, LossConfig, ModelConfig, OptimConfig, Range,
-                     TrackConfig, TrainConfig, key)
+from .schema import (RESIZE_MODES, STRIDE, AugmentConfig, Config, DataConfig, LossConfig, ModelConfig, OptimConfig,
+                     Range, TrackConfig, TrainConfig, key)
 
 __all__ = ["AugmentConfig", "Config", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "RESIZE_MODES",
-           "Range", "TrackConfig", "TrainConfig", "config_from_dict", "key", "load_config", "read_yaml",
+           "STRIDE", "Range", "TrackConfig", "TrainConfig", "config_from_dict", "key", "load_config", "read_yaml",
            "save_config", "sections", "valid_keys", "validate", "validate_section"]

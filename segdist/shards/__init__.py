@@ -33,7 +33,7 @@ from .discover import (IMAGE_EXTS, MAX_KEY_LEN, SPLIT_ALIASES, SPLIT_ORDER, STRA
                        assign_splits, discover, sanitize_key, split_order_key)
 from .manifest import (FORMAT, MANIFEST, VERSION, ShardSet, expand_urls, is_pattern, open_shards, read_manifest,
                        shard_sizes, shard_urls)
-from .reader import IMAGE_MEMBERS, MASK_MEMBER, ShardId, image_bytes, mask_bytes, read_samples
+from .reader import IGNORE_INDEX, IMAGE_MEMBERS, MASK_MEMBER, ShardId, image_bytes, mask_bytes, read_samples
 
 _LAZY = {
     "labels": ("Labels", "decide_labels", "read_class_names", "read_palette"),
@@ -47,7 +47,7 @@ _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 __all__ = [
     "FORMAT", "MANIFEST", "VERSION", "ShardSet", "expand_urls", "is_pattern", "open_shards", "read_manifest",
     "shard_sizes", "shard_urls",
-    "IMAGE_MEMBERS", "MASK_MEMBER", "ShardId", "image_bytes", "mask_bytes", "read_samples",
+    "IGNORE_INDEX", "IMAGE_MEMBERS", "MASK_MEMBER", "ShardId", "image_bytes", "mask_bytes", "read_samples",
     "IMAGE_EXTS", "MAX_KEY_LEN", "SPLIT_ALIASES", "SPLIT_ORDER", "STRAY_NAMES", "Discovery", "Pair",
     "assign_splits", "discover", "sanitize_key", "split_order_key",
     *_MODULE_OF,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.metadata
 import json
 import multiprocessing
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .. import IGNORE_INDEX, __version__
+from .reader import IGNORE_INDEX
 from ..atomic import atomic_dir, check_out_dir, repair_swap, sha256_file, shared_mode_dir
 from ..errors import UserError
 from .discover import Discovery, Pair, _display, _split_rank, assign_splits, discover
@@ -99,6 +100,14 @@ class BuildOptions:
 
 
 # ============================================================================= parallel map
+def segdist_version() -> str:
+    """The installed segdist's version (pyproject.toml), recorded in each manifest."""
+    try:
+        return importlib.metadata.version("segdist")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def default_workers() -> int:
     try:
         return max(len(os.sched_getaffinity(0)), 1)
@@ -459,7 +468,7 @@ def _manifest_header(src, found: Discovery, builder: dict, labels: Labels, split
     source = {"kind": found.kind, "path": str(Path(src).resolve()) if src else str(found.root), **found.extra}
     return {
         "format": FORMAT, "version": VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "segdist_version": __version__, "task": labels.task, "num_classes": labels.num_classes,
+        "segdist_version": segdist_version(), "task": labels.task, "num_classes": labels.num_classes,
         "class_names": labels.class_names, "ignore_index": IGNORE_INDEX, "channels": channels,
         "label_rule": labels.rule, "split": split_info, "source": source, "builder": builder,
         "stale_removed": stale,

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import IGNORE_INDEX
 from ..errors import UserError
+from .reader import IGNORE_INDEX
 
 TASKS = ("binary", "multiclass")
 
@@ -44,13 +44,6 @@ class ClassTable:
     def from_manifest(cls, manifest: dict) -> ClassTable:
         """The table a manifest states (checked first by :func:`check_manifest_classes`)."""
         return cls(manifest["task"], tuple(manifest["class_names"]), int(manifest.get("ignore_index", IGNORE_INDEX)))
-
-    @classmethod
-    def from_meta(cls, meta: dict) -> ClassTable:
-        """The table a model folder's ``segdist.json`` records (``classes``; older folders: its class names)."""
-        if isinstance(meta.get("classes"), dict):
-            return cls.from_record(meta["classes"])
-        return cls("binary" if meta.get("binary") else "multiclass", tuple(meta.get("class_names") or ()))
 
     def __str__(self) -> str:
         shown = ", ".join(self.names[:6]) + (", ..." if self.num_classes > 6 else "")

@@ -32,7 +32,8 @@ def add_cli(sub) -> None:
 def _build_parser(ssub) -> None:
     b = ssub.add_parser("build", help="build shards from image/mask folders or a CSV/JSONL manifest",
                         description="Build {split}-NNNNNN.tar shards + manifest.json (see docs/shards.md).")
-    b.add_argument("src", nargs="?", help="folder (images/+masks/, train/+val/, or one CSV) or a CSV/JSONL file")
+    b.add_argument("src", nargs="?", help="folder (images/+masks/, train/+val/, train/+trainannot/, or one CSV) "
+                                          "or a CSV/JSONL file")
     b.add_argument("--out", metavar="DIR", required=True, help="output shard folder (replaced atomically if it is one)")
     g = b.add_argument_group("source")
     g.add_argument("--images", metavar="DIR", help="images folder (with --masks, instead of SRC)")

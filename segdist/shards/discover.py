@@ -1,7 +1,8 @@
 """Find the image/mask pairs of a source, give them keys and splits.
 
 Layouts: a folder with ``images/`` + ``masks/`` (sub-folders allowed; ``images/train/..`` names the
-split), pre-split ``train/`` + ``val/`` (+ ``test/``) folders each with ``images/`` + ``masks/``, or a
+split), pre-split ``train/`` + ``val/`` (+ ``test/``) folders each with ``images/`` + ``masks/`` or,
+as SegNet's CamVid, beside a mask folder ``trainannot/`` (``train_labels/``, ``trainanno/``...), or a
 CSV/TSV/JSON-lines manifest. Files that are not data (hidden, OS metadata, other extensions) are
 ``ignored``; problems (no mask, several matches) are ``skipped``, both with a reason.
 """
@@ -171,25 +172,43 @@ def _match_by_stem(image_files: dict[str, Path], mask_files: dict[str, Path], pa
     return matched, skipped
 
 
-def _split_folders(src: Path) -> dict[str, Path]:
-    """``train/``, ``val/``, ``test/`` (or aliases) folders of ``src`` that hold images/ + masks/."""
-    found = {}
-    for child in sorted(src.iterdir()):
+MASK_FOLDER_SUFFIXES = ("annot", "anno", "labels", "label", "masks", "mask", "gt")
+"""Mask folder beside a split's image folder: ``train`` + ``trainannot`` (SegNet's CamVid), ``train_labels``..."""
+
+
+def _split_folders(src: Path) -> dict[str, tuple[Path, Path]]:
+    """``split -> (images, masks)`` for the ``train/``, ``val/``, ``test/`` (or alias) folders of ``src``:
+    each holding ``images/`` + ``masks/``, or holding the images beside a mask folder such as ``trainannot/``."""
+    children = {c.name.lower(): c for c in sorted(src.iterdir()) if c.is_dir()}
+    found: dict[str, tuple[Path, Path]] = {}
+    for child in children.values():
         split = SPLIT_ALIASES.get(child.name.lower())
-        if split and (child / "images").is_dir() and (child / "masks").is_dir():
-            if split in found:
-                raise UserError(f"{src} has two folders for split '{split}' ({found[split].name}, {child.name})")
-            found[split] = child
+        if not split:
+            continue
+        if (child / "images").is_dir() and (child / "masks").is_dir():
+            folders = (child / "images", child / "masks")
+        else:
+            beside = [children[name] for suffix in MASK_FOLDER_SUFFIXES for sep in ("", "_", "-")
+                      if (name := f"{child.name.lower()}{sep}{suffix}") in children]
+            if len(beside) > 1:
+                raise UserError(f"{src}: several mask folders for '{child.name}' "
+                                f"({', '.join(b.name for b in beside)}); pass --images DIR --masks DIR")
+            if not beside:
+                continue
+            folders = (child, beside[0])
+        if split in found:
+            raise UserError(f"{src} has two folders for split '{split}' ({found[split][0]}, {folders[0]})")
+        found[split] = folders
     return found
 
 
-def _discover_split_folders(src: Path, splits: dict[str, Path], pattern: str | None) -> Discovery:
-    parts = [_discover_folders(folder / "images", folder / "masks", src, pattern, split=split)
-             for split, folder in splits.items()]
+def _discover_split_folders(src: Path, splits: dict[str, tuple[Path, Path]], pattern: str | None) -> Discovery:
+    parts = [_discover_folders(images, masks, src, pattern, split=split)
+             for split, (images, masks) in splits.items()]
     raw = [(f"{p.split}/{p.key}", Path(p.image), Path(p.mask), p.split) for d in parts for p in d.pairs]
     return Discovery("split-folders", src, _pairs_from_raw(raw, src),
                      [s for d in parts for s in d.skipped], [s for d in parts for s in d.ignored],
-                     {"splits": {k: str(v) for k, v in splits.items()}})
+                     {"splits": {k: {"images": str(i), "masks": str(m)} for k, (i, m) in splits.items()}})
 
 
 def _nested_splits(discovery: Discovery) -> Discovery:
@@ -386,7 +405,8 @@ def discover(src=None, *, images=None, masks=None, mask_pattern=None, image_col=
     if len(manifests) == 1:
         return _discover_manifest(manifests[0], image_col, mask_col, split_col)
     raise UserError(f"{src} is not a dataset layout segdist knows: expected images/ + masks/ folders, "
-                    "train/ + val/ folders each with images/ + masks/, or one CSV/JSONL manifest "
+                    "train/ + val/ folders each with images/ + masks/ (or beside trainannot/, valannot/), "
+                    "or one CSV/JSONL manifest "
                     f"(found {len(manifests)}); or pass --images DIR --masks DIR")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import IGNORE_INDEX
+from .reader import IGNORE_INDEX
 from ..errors import UserError
 
 

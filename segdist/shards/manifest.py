@@ -112,7 +112,7 @@ def is_pattern(spec: str) -> bool:
 
 def expand_urls(spec: str) -> list[str]:
     """Expand ``a::b``, brace patterns ``x-{000000..000009}.tar`` and local globs."""
-    import braceexpand
+    import braceexpand  # lazy: training reads a shard folder's manifest with the standard library only
 
     urls: list[str] = []
     for part in spec.split("::"):

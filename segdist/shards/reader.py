@@ -40,7 +40,9 @@ from ..errors import UserError
 IMAGE_MEMBERS = ("image.jpg", "image.png")
 """A sample's image member: the source JPEG's bytes, or a PNG (re-encoded or lossless source)."""
 MASK_MEMBER = "mask.png"
-"""A sample's mask member: an 8-bit one-channel PNG of class ids (255 = ignore)."""
+"""A sample's mask member: an 8-bit one-channel PNG of class ids (:data:`IGNORE_INDEX` = ignore)."""
+IGNORE_INDEX = 255
+"""Mask value excluded from losses and metrics (void pixels, augmentation padding)."""
 MAX_MEMBER_BYTES = 256 << 20
 """Default largest member a reader accepts (``data.max_member_mb``): a 2 GiB member is refused from its
 tar header instead of being read whole into a worker."""

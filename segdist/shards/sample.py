@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .. import IGNORE_INDEX
+from .reader import IGNORE_INDEX
 from .discover import Pair
 from .labels import _lookup
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .. import IGNORE_INDEX
+from .reader import IGNORE_INDEX
 from ..errors import UserError
 from .build import _mapper, _progress, default_workers
 from .manifest import MANIFEST, local_path, read_manifest
