@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -68,7 +69,13 @@ def test_a_live_processs_swap_is_left_alone_and_a_failed_swap_keeps_the_old_copy
     assert (final / "part").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["last"]
 
 
-@pytest.mark.slow
+def build_killed_at(step: str, src: Path, out: Path) -> None:
+    from segdist.shards import build_shards
+
+    os.environ["SEGDIST_CRASH_AT"] = step
+    build_shards(src, out, workers=1, progress=False)
+
+
 def test_shards_build_killed_between_its_renames_then_a_failing_rebuild_keeps_the_old_shards(tmp_path, capsys):
     from segdist.errors import UserError
     from segdist.shards import build_shards
@@ -78,10 +85,12 @@ def test_shards_build_killed_between_its_renames_then_a_failing_rebuild_keeps_th
     out = tmp_path / "shards"
     build_shards(tmp_path / "syn", out, workers=1, progress=False)
     manifest = (out / "manifest.json").read_bytes()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "SEGDIST_CRASH_AT": "swap:old-aside"}
-    killed = subprocess.run([sys.executable, "-m", "segdist.cli", "shards", "build", str(tmp_path / "syn"), "--out",
-                             str(out), "--workers", "1"], env=env, cwd=REPO, capture_output=True, timeout=120)
-    assert killed.returncode == -signal.SIGKILL and not out.exists()
+    # The rebuild in a forked child (this process's imports, no second start-up), killed between its renames.
+    killed = multiprocessing.get_context("fork").Process(target=build_killed_at, args=(
+        "swap:old-aside", tmp_path / "syn", out))
+    killed.start()
+    killed.join(timeout=120)
+    assert killed.exitcode == -signal.SIGKILL and not out.exists()
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a dataset layout"):

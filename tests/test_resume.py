@@ -29,7 +29,7 @@ def train(shards, out: Path, name: str, *extra: str) -> dict:
     from segdist.config import load_config
 
     cfg = load_config(None, [f"data.shards={shards}", f"train.out_dir={out}", f"train.name={name}", *BASE,
-                             "data.num_workers=0", "data.batch_size=4", *extra])
+                             "data.num_workers=0", "data.batch_size=4", "data.image_size=32", *extra])
     try:
         return segdist.train.run(cfg)
     finally:
@@ -47,7 +47,7 @@ def tree(folder: Path) -> dict[str, str]:
 def finished(tmp_path_factory):
     """A shard set and a finished one-epoch run on it (copied by each test before it changes anything)."""
     base = tmp_path_factory.mktemp("resume")
-    shards = write_shards(base / "shards", SPLITS, size=64)
+    shards = write_shards(base / "shards", SPLITS, size=32)
     train(shards, base, "done", "train.epochs=1")
     return shards, base / "done"
 
@@ -70,7 +70,7 @@ def refused(shards, run_dir: Path, *extra: str) -> str:
 def other_shards(tmp_path: Path, **edit) -> Path:
     """The same shard layout with other pixels, or (``edit``) the run's own shards with manifest keys replaced."""
     if not edit:
-        return write_shards(tmp_path / "other", SPLITS, size=48)
+        return write_shards(tmp_path / "other", SPLITS, size=40)
     return edited(edit.pop("of"), tmp_path / "edited", **edit)
 
 
@@ -103,9 +103,9 @@ def test_refused_starts_change_nothing_on_disk(finished, run_dir, tmp_path):
     err = refused(f"{shards}/*.tar", run_dir, "train.resume=auto", "train.epochs=2")
     assert "names shard files, so the same files would serve as train and val" in err
 
-    hold = "import sys, time\nfrom segdist.runlock import RunLock\nRunLock(sys.argv[1]).acquire()\nprint(1, flush=1)\n" \
-           "time.sleep(60)"
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(run_dir)], env={**os.environ, "PYTHONPATH": str(REPO)},
+    from tests.test_runlock import HOLD
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], env={**os.environ, "PYTHONPATH": str(REPO)},
                               stdout=subprocess.PIPE, text=True)
     try:
         holder.stdout.readline()

@@ -16,13 +16,17 @@ import pytest
 from segdist.errors import UserError
 from segdist.runlock import LOCK_FILE, RunLock
 from tests.conftest import REPO
-from tests.test_train import env, run_ok, train_cmd
+from tests.test_resume import train
+from tests.test_train import env, train_cmd
 from tests.shardutil import write_shards
+
+
+ARGS = ["data.batch_size=2", "data.image_size=32", "data.num_workers=0"]
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return write_shards(tmp_path_factory.mktemp("lock"), {"train": [8, 8], "val": [2]}, size=64)
+    return write_shards(tmp_path_factory.mktemp("lock"), {"train": [8, 8], "val": [2]}, size=32)
 
 
 def wait_for(what, timeout: float = 120.0):
@@ -33,9 +37,9 @@ def wait_for(what, timeout: float = 120.0):
 
 
 @pytest.mark.slow
-def test_two_starts_in_one_run_folder_one_trains_and_a_kill_9_lock_is_taken_over(shards, tmp_path):
+def test_two_starts_in_one_run_folder_one_trains_and_a_kill_9_lock_is_taken_over(shards, tmp_path, capsys):
     run_dir = tmp_path / "one"
-    cmd = train_cmd(shards, tmp_path, "one", "data.batch_size=2", "train.epochs=3", "train.checkpoint_every=2")
+    cmd = train_cmd(shards, tmp_path, "one", *ARGS, "train.epochs=3", "train.checkpoint_every=2")
     procs = [subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     try:
@@ -56,9 +60,10 @@ def test_two_starts_in_one_run_folder_one_trains_and_a_kill_9_lock_is_taken_over
             p.communicate(timeout=30)
     assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] == winner.pid  # left behind by the kill
 
-    p = run_ok(train_cmd(shards, tmp_path, "one", "data.batch_size=2", "train.epochs=1", "train.resume=auto"))
-    assert f"took over the lock {run_dir / LOCK_FILE} left by pid {winner.pid}" in p.stdout
-    assert "that process is gone" in p.stdout and "resumed from" in p.stdout
+    train(shards, tmp_path, "one", *ARGS, "train.epochs=1", "train.resume=auto")  # in this process: a new owner
+    out = capsys.readouterr().out
+    assert f"took over the lock {run_dir / LOCK_FILE} left by pid {winner.pid}" in out
+    assert "that process is gone" in out and "resumed from" in out
     assert not (run_dir / LOCK_FILE).exists()  # released at the end
 
 
@@ -106,14 +111,17 @@ def test_a_live_holder_is_named_and_a_dead_or_released_one_is_taken_over(tmp_pat
     assert not fresh.exists()
 
 
-@pytest.mark.slow
-def test_a_working_folder_or_out_dir_that_cannot_be_written_is_one_line(shards):
+def test_a_working_folder_or_out_dir_that_cannot_be_written_is_one_line(shards, monkeypatch, capsys):
+    from segdist.cli import main
+
     # /sys refuses new files to everyone, root included (EPERM; EROFS where it is mounted read-only): a real
     # OS refusal on any machine, where a chmod'ed folder would not stop root.
-    cmd = [sys.executable, "-m", "segdist.cli", "train", f"data.shards={shards}", "model.pretrained=none",
-           "track.backend=none", "data.image_size=64"]  # train.out_dir: the default "runs", in the working folder
-    p = subprocess.run(cmd, cwd="/sys", env=env(), capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
-    (line,) = p.stderr.strip().splitlines()
-    assert line.startswith(f"segdist: error: cannot create the run folder lock {Path('runs/run') / LOCK_FILE} (")
-    assert line.endswith("set train.out_dir to a folder you can write to") and not Path("/sys/runs").exists()
+    monkeypatch.chdir("/sys")
+    monkeypatch.setenv("SEGDIST_MALLOC", "default")  # leave this process's malloc as it is
+    for out in ([], ["train.out_dir=/sys/segdist-runs"]):  # the default "runs" in the working folder, and out_dir
+        assert main(["train", f"data.shards={shards}", "model.pretrained=none", "track.backend=none", *out]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        lock = Path(out[0].split("=")[1] if out else "runs") / "run" / LOCK_FILE
+        assert line.startswith(f"segdist: error: cannot create the run folder lock {lock} (")
+        assert line.endswith("set train.out_dir to a folder you can write to")
+    assert not Path("/sys/runs").exists()
