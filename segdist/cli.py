@@ -131,6 +131,8 @@ def _predict_parser(sub) -> None:
                                                           "or 16-bit PNGs")
     p.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True, help="write overlays/")
     p.add_argument("--palette", help="JSON class colours for multi-class masks (default: the checkpoint's)")
+    p.add_argument("--classes", help="JSON list of the class names you expect (shards build's --classes format); "
+                                     "refused unless it is the model's class table")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="network inputs (windows) per device batch")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_predict)
@@ -141,7 +143,7 @@ def _cmd_predict(args) -> int:
 
     summary = predict_paths(args.ckpt, args.inputs, args.out, device=args.device, mode=args.mode, split=args.split,
                             overlap=args.overlap, blend=args.blend, tta=args.tta, threshold=args.threshold,
-                            probs=args.probs, overlays=args.overlays, palette=args.palette,
+                            probs=args.probs, overlays=args.overlays, palette=args.palette, classes=args.classes,
                             batch_size=args.batch_size)
     print(summary)
     return 0

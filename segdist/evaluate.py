@@ -36,6 +36,8 @@ from .metrics import SegCounts, logits_to_pred
 from .models import load_model
 from .resize import as_hw
 from .shards import ShardSet, image_bytes, mask_bytes, open_shards, read_samples
+from .shards.classes import same_classes
+from .shards.fingerprint import class_table
 from .stream import ShardStream, iter_units
 from .track import plot_confusion
 
@@ -132,6 +134,9 @@ def eval_session(ckpt: str, shards: str) -> Iterator[EvalSession]:
     accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
     try:
         shard_set = open_shards(shards)
+        if shard_set.task is not None:  # a pattern without a manifest states no classes
+            same_classes(meta.class_table, class_table(shard_set), f"model '{ckpt}'", f"shards '{shards}'",
+                         "evaluate it on shards built with its classes (segdist shards build --classes)")
         yield EvalSession(meta, cfg, accelerator, shard_set, load_model(ckpt).to(accelerator.device))
     finally:
         accelerator.end_training()

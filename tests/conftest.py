@@ -39,5 +39,5 @@ def ckpt(tmp_path_factory):
 
     cfg = load_config(None, ["model.pretrained=none", "data.image_size=64"])
     out = tmp_path_factory.mktemp("ckpt") / "best"
-    save_model(create_model(cfg.model, 1), out, ModelMeta(cfg, ("background", "person"), 2, True))
+    save_model(create_model(cfg.model, 1), out, ModelMeta(cfg, ("background", "foreground"), 2, True))
     return out

@@ -57,7 +57,7 @@ def mixed_ckpt(tmp_path_factory, photo_shards):
     with torch.no_grad():
         model.segmentation_head[0].bias -= model(x).median()
     out = tmp_path_factory.mktemp("mixed") / "best"
-    save_model(model, out, ModelMeta(cfg, ("background", "person"), 2, True))
+    save_model(model, out, ModelMeta(cfg, ("background", "foreground"), 2, True))
     return out
 
 
@@ -154,7 +154,7 @@ def test_full_res_reports_both_resolutions_with_full_res_the_headline(mixed_ckpt
     assert main(["eval", *args, "--full-res", "--out", str(tmp_path / "ev")]) == 0
     written = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert written["iou"] == full["iou"] and written["input_res"]["iou"] == stream["iou"]
-    assert len(written["confusion"]) == 2 and written["per_class"][1]["name"] == "person"
+    assert len(written["confusion"]) == 2 and written["per_class"][1]["name"] == "foreground"
     assert (tmp_path / "ev" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     (tmp_path / "file").write_text("x")
     assert main(["eval", *args, "--out", str(tmp_path / "file" / "ev")]) == 2  # refused before evaluating

@@ -15,6 +15,8 @@ from pathlib import Path
 from ..errors import UserError
 from ..shards import IMAGE_EXTS, open_shards
 from ..shards import ShardId, image_bytes, read_samples
+from ..shards.classes import ClassTable, same_classes
+from ..shards.fingerprint import class_table
 
 
 @dataclass(frozen=True)
@@ -64,16 +66,21 @@ def shard_jobs(urls: list[str], ids: list[ShardId]) -> Iterator[Job]:
             yield Job(s["__key__"], f"{s['__key__']}.png", lambda data=data: data, orient=False)
 
 
-def find_inputs(inputs: Iterable[str | Path], split: str = "val") -> tuple[int, Iterator[Job]]:
+def find_inputs(inputs: Iterable[str | Path], split: str = "val",
+                classes: ClassTable | None = None) -> tuple[int, Iterator[Job]]:
     """Files, folders, globs and shard folders (a folder holding manifest.json: its ``split``) ->
     (how many images, the jobs). A file named twice is predicted once; output names that would
-    collide (the same name under two inputs) get ``_2``, ``_3``..."""
+    collide (the same name under two inputs) get ``_2``, ``_3``... A shard folder whose class table
+    differs from the model's ``classes`` is a UserError naming the differences."""
     files: dict[Path, Job] = {}
     shards = []
     for spec in inputs:
         path = Path(spec)
         if path.is_dir() and (path / "manifest.json").is_file():
             shard_set = open_shards(str(path))
+            if classes is not None:
+                same_classes(classes, class_table(shard_set), "the model", f"shard folder '{path}'",
+                             "predict with a model trained on its classes, or pass its images as files")
             shards.append((shard_set.split(split)[0], shard_set.identity(split)))
             continue
         found, base = list_images(spec)

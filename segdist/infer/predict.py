@@ -19,25 +19,29 @@ from .inputs import Job, find_inputs
 from .options import BATCH_SIZE, PROB_FORMATS, Options, check_choice, describe_options
 from ..decode import DecodeError, decode_rgb
 from .predictor import Predictor, Source
-from .writers import mask_png, model_palette, png, prob_files
+from .writers import check_class_list, mask_png, model_palette, png, prob_files
 
 
 def predict_paths(ckpt: str | Path, inputs, out: str | Path, device: str = "auto", mode: str = Options.mode,
                   split: str = "val", overlap: float = Options.overlap, blend: str = Options.blend, tta: str = "",
                   threshold: float = Options.threshold, probs: str | None = None, overlays: bool = True,
-                  palette: str | Path | None = None, batch_size: int = BATCH_SIZE) -> str:
+                  palette: str | Path | None = None, batch_size: int = BATCH_SIZE,
+                  classes: str | Path | None = None) -> str:
     """``segdist predict``: ``out/masks/<name>.png`` (binary: 0/255; multi-class: class ids, palette
     PNG when the model has colours), ``out/overlays/<name>.png`` and with ``probs``
     ``out/probs/...``, all at each image's original size. ``inputs``: a path or a list of files,
-    folders, globs and shard folders. Unreadable inputs are skipped and counted with their reason."""
+    folders, globs and shard folders. Unreadable inputs are skipped and counted with their reason.
+    ``classes`` (a ``--classes`` JSON list, or the class names of a ``--palette`` file) and shard folders
+    must name the model's classes: masks of one class table read as another are wrong without a sign."""
     if probs is not None:
         check_choice("--probs", probs, PROB_FORMATS)
     check_out_dir(out)  # before the model loads, not at the first mask
     predictor = Predictor.load(ckpt, device, mode, batch_size=batch_size, overlap=overlap, blend=blend, tta=tta,
                                threshold=threshold)
     meta = predictor.meta
+    check_class_list(meta.class_table, classes, palette)
     pal = None if meta.binary else model_palette(meta, palette)
-    total, jobs = find_inputs([inputs] if isinstance(inputs, (str, Path)) else inputs, split)
+    total, jobs = find_inputs([inputs] if isinstance(inputs, (str, Path)) else inputs, split, meta.class_table)
     out = Path(out)
     done, skipped = 0, []
     with tqdm(total=total, unit="image", desc="predict", disable=None) as bar:

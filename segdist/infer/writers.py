@@ -10,7 +10,8 @@ import numpy as np
 from PIL import Image
 
 from ..checkpoint import ModelMeta
-from ..shards import read_palette
+from ..shards import read_class_names, read_palette
+from ..shards.classes import ClassTable, same_classes
 
 
 def palette_table(colours, void=None) -> np.ndarray:
@@ -21,6 +22,16 @@ def palette_table(colours, void=None) -> np.ndarray:
     if void is not None:
         pal[255] = void
     return pal
+
+
+def check_class_list(model: ClassTable, classes: str | Path | None, palette: str | Path | None) -> None:
+    """``predict --classes FILE`` and the class names of ``--palette FILE`` (when it names them) must be the model's
+    classes, in its order: masks are written as the model's ids and coloured by the palette's."""
+    for flag, path, names in (("--classes", classes, read_class_names(classes) if classes else None),
+                              ("--palette", palette, read_palette(palette)[1] if palette else None)):
+        if names is not None:
+            same_classes(model, ClassTable(model.task, tuple(names), model.ignore_index), "the model",
+                         f"{flag} {path}", f"pass the list of the model's classes, or leave {flag} out")
 
 
 def model_palette(meta: ModelMeta, palette_file: str | Path | None = None) -> np.ndarray | None:

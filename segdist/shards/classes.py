@@ -64,6 +64,18 @@ def differences(a: ClassTable, b: ClassTable) -> list[str]:
     return out
 
 
+def same_classes(model: ClassTable, data: ClassTable, what_model: str, what_data: str, fix: str) -> None:
+    """A model's class table and its data's must be the same table; UserError naming the differences and ``fix``.
+
+    Only the names matter for a list that states no task (``predict --classes``): pass its ``task`` as the
+    model's. Scores, masks or a resumed run on another table would be plausible numbers for the wrong thing.
+    """
+    diff = differences(model, data)
+    if diff:
+        raise UserError(f"{what_model} was trained on {model} but {what_data} holds {data} ({'; '.join(diff)}); "
+                        f"{fix}")
+
+
 def check_manifest_classes(manifest: dict, base) -> None:
     """A manifest's class statements must agree with each other: task, ``num_classes``, ``class_names``, each
     split's ``class_pixels`` and the palette. A hand-edited one is a UserError naming the contradiction."""
