@@ -19,7 +19,8 @@ import torch
 from .errors import UserError
 from .resize import as_hw, resize_batch, resize_to, scaled_size
 
-__all__ = ["DecodeError", "jpeg_size", "decode_image", "decode_rgb", "decode_mask", "place", "to_device"]
+__all__ = ["DecodeError", "jpeg_size", "decode_image", "decode_rgb", "decode_mask", "frame_count", "image_format",
+           "place", "to_device", "unreadable_reason"]
 
 cv2.setNumThreads(1)  # one decode per worker process; OpenCV's own pool only oversubscribes
 
@@ -86,8 +87,49 @@ def _imdecode(data: bytes, min_hw: tuple[int, int] | None, reduced: bool, orient
         raise DecodeError("larger than OpenCV's decode limit (CV_IO_MAX_IMAGE_PIXELS)" if too_big
                           else f"OpenCV cannot decode it: {str(e).strip().splitlines()[-1]}") from None
     if img is None:
-        raise DecodeError("not a readable image")
+        raise DecodeError(unreadable_reason(data))
     return img
+
+
+_MAGIC = ((b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"GIF8", "GIF"), (b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"),
+          (b"BM", "BMP"))
+
+
+def image_format(data: bytes) -> str:
+    """The container format from the first bytes ("TIFF", "WebP", ...), or "" when unknown."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _MAGIC if data.startswith(magic)), "")
+
+
+def unreadable_reason(data: bytes) -> str:
+    """Why the 8-bit colour decode gave nothing, in words: what the image really is when OpenCV can read it
+    unchanged (a float32 TIFF is a float32 TIFF, not "not an image"), else that it is not a readable image."""
+    try:
+        raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        raw = None
+    if raw is None:
+        return "not a readable image"
+    channels = 1 if raw.ndim == 2 else raw.shape[2]
+    return (f"a {raw.dtype} {image_format(data) or 'image'} with {channels} channel(s): segdist reads 8- and "
+            f"16-bit images; convert it to 8-bit (how its values map to 0..255 is the data's to choose)")
+
+
+def frame_count(data: bytes) -> int:
+    """Frames in an image file: more than 1 for an animated WebP, GIF or PNG or a multi-page TIFF (OpenCV would
+    silently read frame 1 alone); 1 for everything else, JPEGs unopened (their extra images are camera extras)."""
+    if image_format(data) not in ("TIFF", "GIF", "PNG", "WebP"):
+        return 1
+    import io
+
+    from PIL import Image  # here: only user files of these formats pay for it
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return int(getattr(im, "n_frames", 1))
+    except Exception:  # noqa: BLE001 -- unreadable: the decoder says why
+        return 1
 
 
 def decode_image(data: bytes, size, reduced: bool = True, out: np.ndarray | None = None,

@@ -170,3 +170,17 @@ def test_saved_configs_of_other_versions_load_leniently():
     data["optim"]["lr"] = -1.0  # a known key with a bad value is still refused
     with pytest.raises(UserError, match="'optim.lr' must be in"):
         config_from_dict(data, strict=False)
+
+
+def test_yaml_values_are_shown_as_written_never_as_python_objects(tmp_path):
+    """YAML reads 2024-01-01 as a date and !!binary as bytes: messages show them as text, not datetime.date(...)."""
+    cases = {"data:\n  image_size: 2024-01-01 10:00:00\n": "got 2024-01-01T10:00:00",
+             "optim:\n  lr: !!binary aGVsbG8=\n": "got binary data (5 bytes)",
+             "data:\n  scale: !!set {a, b}\n": "got ['a', 'b']", "track:\n  tags: {a: 1}\n": "got {a: 1}"}
+    for text, says in cases.items():
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(UserError) as e:
+            load_config(tmp_path / "c.yaml", [])
+        assert says in str(e.value) and "datetime" not in str(e.value) and "object at 0x" not in str(e.value)
+    (tmp_path / "c.yaml").write_text("train:\n  name: 2024-01-01\n")
+    assert load_config(tmp_path / "c.yaml", []).train.name == "2024-01-01"  # a date-like name is meant as text

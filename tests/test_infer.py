@@ -365,3 +365,18 @@ def test_predict_command_with_sliding_tta_and_probs(ckpt, tmp_path, capsys):
     assert f"predicted {n} image(s)" in out and len(list((tmp_path / "probs").glob("*.npy"))) == n
     assert main(["predict", str(ckpt), str(f), "--out", str(tmp_path), "--tta", "flip,x"]) == 2
     assert "segdist: error: --tta: 'x'" in capsys.readouterr().err
+
+
+def test_multi_frame_and_float_images_are_skipped_for_what_they_are(ckpt, tmp_path):
+    """An animated WebP or a multi-page TIFF is not predicted as its first frame; a float TIFF is named as one."""
+    from segdist.infer.predict import predict_paths
+    from tests.test_shards_sample import odd_images
+
+    reasons = odd_images(tmp_path / "in")
+    summary = predict_paths(ckpt, tmp_path / "in", tmp_path / "out", device="cpu")
+    assert summary.startswith("predicted 0 image(s)") and "skipped 4 unreadable" in summary
+    said = {"anim.webp": "3 frames (animated or multi-page WebP)",
+            "pages.tif": "3 frames (animated or multi-page TIFF)", "gray32f.tif": "a float32 TIFF with 1 channel(s)", "rgb32f.tif": "a float32 TIFF with 3 channel(s)"}
+    for name, says in said.items():
+        assert f"{name} ({says}" in summary, (name, summary)
+    assert reasons.keys() == said.keys()

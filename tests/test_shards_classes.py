@@ -26,7 +26,7 @@ def edited(shards: Path, out: Path, **keys) -> Path:
     ({"num_classes": 5}, "num_classes is 5 but class_names lists 2"),
     ({"task": "binary", "num_classes": 59, "class_names": [f"c{i}" for i in range(59)]},
      "task is binary but num_classes is 59"),
-    ({"num_classes": "two"}, "num_classes is 'two' (a number 2..255)"),
+    ({"num_classes": "two"}, 'num_classes is "two" (a number 2..255)'),
     ({"splits": {"train": {"shards": [], "class_pixels": [5, 6, 7]}}}, "splits.train.class_pixels counts 3 classes"),
 ])
 def test_a_manifest_that_contradicts_itself_is_one_line(shards, tmp_path, keys, says):

@@ -12,6 +12,7 @@ file is an error naming both lines (PyYAML would keep the last one silently).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import types
 import typing
@@ -54,13 +55,36 @@ def _nearest(key_: str) -> str:
     return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(keys)}"
 
 
+_KINDS = {"str": "text", "int": "a whole number", "float": "a number", "bool": "true/false", "list": "a list",
+          "dict": "a mapping", "date": "a date", "datetime": "a date and time", "bytes": "binary data", "set": "a set",
+          "NoneType": "nothing"}
+"""How a YAML value's kind is named in messages (not Python's type names)."""
+
+
+def _shown(value) -> str:
+    """A YAML value as the user wrote it, for messages: never a Python repr such as ``datetime.date(2024, 1, 1)``."""
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray)):
+        return f"binary data ({len(value)} bytes)"
+    if isinstance(value, (set, frozenset)):
+        value = sorted(value, key=str)
+    if isinstance(value, str):
+        return f"'{value}'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_shown(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
 def _coerce(key_: str, value, typ):
     """Check ``value`` against the dataclass field type ``typ``; int -> float is allowed."""
     origin = typing.get_origin(typ)
     if origin is list:
         (item,) = typing.get_args(typ)
         if not isinstance(value, list):
-            raise UserError(f"config key '{key_}' expects a list like [0.5, 1.0], got {value!r}")
+            raise UserError(f"config key '{key_}' expects a list like [0.5, 1.0], got {_shown(value)}")
         return [_coerce(key_, v, item) for v in value]
     if origin in (typing.Union, types.UnionType):  # e.g. image_size: int | list[int]
         options = typing.get_args(typ)
@@ -70,7 +94,7 @@ def _coerce(key_: str, value, typ):
             except UserError:
                 continue
         names = " or ".join("a list" if typing.get_origin(o) is list else o.__name__ for o in options)
-        raise UserError(f"config key '{key_}' expects {names}, got {value!r}")
+        raise UserError(f"config key '{key_}' expects {names}, got {_shown(value)}")
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):
@@ -80,10 +104,14 @@ def _coerce(key_: str, value, typ):
             pass
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. resume=123 or name=2024 is meant as text
+    if typ is str and isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()  # YAML reads name: 2024-01-01 as a date; it is meant as text too
     if typ is str and value is None:
         return ""
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise UserError(f"config key '{key_}' expects {typ.__name__}, got {value!r} ({type(value).__name__})")
+        kind = "" if isinstance(value, (bytes, bytearray)) else \
+            f" ({_KINDS.get(type(value).__name__, type(value).__name__)})"
+        raise UserError(f"config key '{key_}' expects {typ.__name__}, got {_shown(value)}{kind}")
     return value
 
 

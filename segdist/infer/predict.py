@@ -17,7 +17,7 @@ from ..atomic import atomic_write_bytes, check_out_dir
 from ..track import overlay
 from .inputs import Job, find_inputs
 from .options import BATCH_SIZE, PROB_FORMATS, Options, check_choice, describe_options
-from ..decode import DecodeError, decode_rgb
+from ..decode import DecodeError, decode_rgb, frame_count, image_format
 from .predictor import Predictor, Source
 from .writers import check_class_list, mask_png, model_palette, png, prob_files
 
@@ -49,6 +49,10 @@ def predict_paths(ckpt: str | Path, inputs, out: str | Path, device: str = "auto
             for job in jobs:
                 try:
                     data = job.read()
+                    frames = frame_count(data)
+                    if frames > 1:  # OpenCV would read frame 1 alone, and the mask would say nothing of it
+                        raise DecodeError(f"{frames} frames (animated or multi-page {image_format(data)}); segdist "
+                                          f"predicts single images: extract the frame you mean")
                     rgb = decode_rgb(data, reduced=False, orient=job.orient)
                 except (DecodeError, OSError) as e:
                     skipped.append(f"{job.label} ({getattr(e, 'reason', e)})")

@@ -299,9 +299,10 @@ def _is_shard_folder(folder: Path) -> bool:
         return False
 
 
-def _scan_values(pmap, pairs: list[Pair], opts: Options, progress: bool, root: Path) -> list[tuple[int, ...]]:
-    """Each readable mask's distinct raw values (unreadable masks are skipped later, not here)."""
+def _scan_values(pmap, pairs: list[Pair], opts: Options, progress: bool, root: Path) -> list[dict[int, int]]:
+    """Each readable mask's raw values -> pixel counts (unreadable masks are skipped later, not here)."""
     found = list(_progress(pmap(functools.partial(scan_mask, opts=opts), pairs), len(pairs), "scan masks", progress))
+    found = [None if counts is None else dict(counts) for counts in found]
     _refuse_mixed_binary(pairs, found, opts.void, root)
     return [values for values in found if values is not None]
 

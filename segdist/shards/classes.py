@@ -11,6 +11,7 @@ Standard library only: training imports it with :mod:`.manifest`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from ..errors import UserError
@@ -82,9 +83,9 @@ def check_manifest_classes(manifest: dict, base) -> None:
     task, k, names = manifest.get("task"), manifest.get("num_classes"), manifest.get("class_names")
     problems = []
     if task not in TASKS:
-        problems.append(f"task is '{task}' (binary or multiclass)")
+        problems.append(f"task is {json.dumps(task)} (binary or multiclass)")
     if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= IGNORE_INDEX:
-        problems.append(f"num_classes is '{k}' (a number 2..255)")
+        problems.append(f"num_classes is {json.dumps(k)} (a number 2..255)")
     elif task == "binary" and k != 2:
         problems.append(f"task is binary but num_classes is {k}")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):

@@ -37,13 +37,13 @@ def read_palette(path) -> tuple[tuple[tuple[int, int], ...], list[str] | None]:
     names = data.get("classes") if isinstance(data, dict) else None
     void = data.get("void") if isinstance(data, dict) else None
     if void is not None and not isinstance(void, list):
-        raise UserError(f"--palette {path}: 'void' is {void!r}; it must be an [r, g, b] colour or a list of them "
-                        f"(the void class index itself is always 255)")
+        raise UserError(f"--palette {path}: 'void' is {json.dumps(void)}; it must be an [r, g, b] colour or a list of "
+                        f"them (the void class index itself is always 255)")
     voids = [] if void is None else (void if void and isinstance(void[0], list) else [void])
 
     def packed(c) -> int:
         if not (isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c)):
-            raise UserError(f"--palette {path}: colour {c!r} is not [r, g, b] with 0..255 values")
+            raise UserError(f"--palette {path}: colour {json.dumps(c)} is not [r, g, b] with 0..255 values")
         return (c[0] << 16) | (c[1] << 8) | c[2]
 
     if not isinstance(colours, list) or len(colours) < 2:
@@ -90,14 +90,15 @@ _FULL_SCALE = (255, 65535)  # "all on" of 8- and 16-bit masks: foreground in bin
 
 
 def decide_labels(names: list[str] | None, palette_names: list[str] | None, palette_size: int,
-                  scanned: list[tuple[int, ...]] | None, void: int | None, threshold: int | None) -> Labels:
+                  scanned: list[dict[int, int]] | None, void: int | None, threshold: int | None) -> Labels:
     """Choose task, class count and the raw-value -> stored-value map.
 
     Binary when a class list has 2 names, with ``--mask-threshold``, or (no class list) when
     every mask holds only {0, 1} or only {0, 255} (16-bit: {0, 65535}): both read as 0/1. When
     some mask holds 0, 1 and 255 together, 255 is void (the VOC convention). Otherwise
-    multiclass: values are class indices and 255 is void. ``scanned`` holds each mask's
-    distinct raw values (None: not scanned because classes are declared).
+    multiclass: values are class indices and 255 is void. ``scanned`` holds each mask's raw
+    values with their pixel counts (None: not scanned because classes are declared). An inferred
+    multiclass scheme the pixels contradict is refused (:func:`check_inferred`).
     """
     names = names or palette_names
     if threshold is not None:
@@ -117,6 +118,7 @@ def decide_labels(names: list[str] | None, palette_names: list[str] | None, pale
             mapping, task, k, rule = {0: 0, 1: 1}, "binary", 2, "masks hold 0, 1 and 255: 255 is void"
         else:
             k = max(v for v in union if v not in _FULL_SCALE) + 1
+            check_inferred(scanned or [], k)  # (a --void value is not in the counts)
             mapping, task = {v: v for v in range(min(k, IGNORE_INDEX))}, "multiclass"
             rule = f"values are class indices 0..{k - 1}" + ("" if names else f" (named class_0..class_{k - 1})")
     for full in _FULL_SCALE:
@@ -129,6 +131,42 @@ def decide_labels(names: list[str] | None, palette_names: list[str] | None, pale
         raise UserError(f"masks hold values up to {k - 1}; stored masks are 8-bit with 255 = void, so at most "
                         "255 classes: pass --classes FILE, --void V or --mask-threshold T")
     return Labels(task, k, list(names), tuple(sorted(mapping.items())), rule)
+
+
+MAX_INFERRED_CLASSES = 64
+"""Without a class list, masks whose values imply more classes than this are refused: so many classes are
+named with ``--classes``, and more often the values are not class ids at all (anti-aliasing, scaling)."""
+
+
+def check_inferred(scanned: list[dict[int, int]], k: int) -> None:
+    """Refuse reading the masks as ``k`` class ids (255 = void) when their pixels say otherwise; one line naming
+    the evidence and the fix. In order: 0/255 masks with anti-aliased edges (0 and the full-scale value hold
+    >= 75 % of the pixels, the rest lie in between and read as > 64 classes), the void value covering most
+    non-zero pixels, and more than :data:`MAX_INFERRED_CLASSES` classes."""
+    counts: dict[int, int] = {}
+    for mask in scanned:
+        for v, n in mask.items():
+            counts[v] = counts.get(v, 0) + n
+    total = max(sum(counts.values()), 1)
+    top = max((v for v in counts if v in _FULL_SCALE), default=None)  # 255 (or 65535 in 16-bit masks)
+    full = counts.get(top, 0)
+    between = [v for v in counts if v not in (0, top)]
+    edge = sum(counts[v] for v in between)
+    nonzero = max(total - counts.get(0, 0), 1)
+    fix = "pass --mask-threshold 127 (binary: foreground where the value > 127) or --classes FILE if they are class ids"
+    if full and counts.get(0) and (total - edge) / total >= 0.75 and k > MAX_INFERRED_CLASSES:
+        raise UserError(f"the masks look like binary masks with anti-aliased edges: 0 and {top} hold "
+                        f"{100 * (total - edge) / total:.1f} % of the pixels and {len(between)} values in between "
+                        f"({min(between)}..{max(between)}) the other {100 * edge / total:.1f} %; read as class ids "
+                        f"they would make a {k}-class set whose objects ({top}) are void; {fix}")
+    if full > nonzero / 2:
+        raise UserError(f"{top} would be void (multi-class masks, the VOC convention) but it covers "
+                        f"{100 * full / nonzero:.0f} % of the non-zero pixels, so the objects would be ignored; if "
+                        f"{top} marks the object, {fix}; if it is void, pass --void {top}")
+    if k > MAX_INFERRED_CLASSES:
+        raise UserError(f"the mask values go up to {k - 1}, which reads as {k} classes though only {len(counts)} "
+                        f"distinct values occur; pass --classes FILE naming the classes (values are class ids), "
+                        f"--void V for a void value, or --mask-threshold T for binary masks")
 
 
 @functools.lru_cache(maxsize=8)

@@ -93,9 +93,32 @@ def _open_image(data: bytes, path: str, what: str) -> Image.Image:
             im.format  # noqa: B018 - touch to make PIL parse the header
         return im
     except UnidentifiedImageError:
-        raise _Skip(f"not a readable {what} (unknown or corrupt file format)", path)
+        raise _Skip(_unidentified(data, what), path)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise _Skip(f"unreadable {what} ({e})", path)
+
+
+def _unidentified(data: bytes, what: str) -> str:
+    """Why PIL cannot open a file, in words: what it is when OpenCV reads it unchanged (PIL has no float RGB
+    TIFF), else an unknown or corrupt format."""
+    try:
+        raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        raw = None
+    if raw is None or raw.dtype in (np.uint8, np.uint16):
+        return f"not a readable {what} (unknown or corrupt file format)"
+    channels = 1 if raw.ndim == 2 else raw.shape[2]
+    return (f"a {raw.dtype} {what} with {channels} channel(s): segdist stores 8- and 16-bit {what}s; convert it "
+            f"(how its values map to 0..255 is the data's to choose)")
+
+
+def _single_frame(im: Image.Image, path: str, what: str) -> None:
+    """An animated (WebP, GIF, PNG) or multi-page (TIFF) file is refused: which frame is meant is the user's
+    call, and reading frame 1 silently could pair it with a mask drawn on another."""
+    frames = getattr(im, "n_frames", 1)
+    if frames > 1 and im.format != "MPO":  # MPO: a camera JPEG with extra images; the first is the photo
+        raise _Skip(f"{frames} frames (an animated or multi-page {im.format}); segdist stores single {what}s: "
+                    f"extract the frame you mean", path)
 
 
 def _load(im: Image.Image, path: str, what: str) -> None:
@@ -208,14 +231,21 @@ def _present_values(raw: np.ndarray) -> np.ndarray:
     return np.unique(raw)
 
 
-def _mask_values(raw: np.ndarray, opts: Options) -> tuple[int, ...]:
-    """Distinct raw values of a mask (void value excluded)."""
-    return tuple(int(v) for v in _present_values(raw) if v != opts.void)
+def _mask_counts(raw: np.ndarray, opts: Options) -> tuple[tuple[int, int], ...]:
+    """(raw value, pixels) for each value of a mask (void value excluded)."""
+    if raw.dtype == np.uint8:
+        counts = np.bincount(raw.ravel(), minlength=256)
+        values = np.flatnonzero(counts)
+        counts = counts[values]
+    else:
+        values, counts = np.unique(raw, return_counts=True)
+    return tuple((int(v), int(c)) for v, c in zip(values, counts) if v != opts.void)
 
 
 def _read_mask(pair: Pair, opts: Options) -> np.ndarray:
     data = _read_bytes(pair.mask)
     im = _open_image(data, pair.mask, "mask")
+    _single_frame(im, pair.mask, "mask")
     if im.format == "JPEG" and opts.threshold is None:
         raise _Skip("JPEG mask: lossy compression changed the label values; use PNG masks "
                     "or --mask-threshold 127 for binary masks", pair.mask)
@@ -229,10 +259,11 @@ def _read_mask(pair: Pair, opts: Options) -> np.ndarray:
     return raw
 
 
-def scan_mask(pair: Pair, opts: Options) -> tuple[int, ...] | None:
-    """Worker: the raw values of one mask, or None when it cannot be read (the build skips it later)."""
+def scan_mask(pair: Pair, opts: Options) -> tuple[tuple[int, int], ...] | None:
+    """Worker: the raw values of one mask with their pixel counts, or None when it cannot be read (the build
+    skips it later). The counts let the label decision weigh values, not only list them."""
     try:
-        return _mask_values(_read_mask(pair, opts), opts)
+        return _mask_counts(_read_mask(pair, opts), opts)
     except _Skip:
         return None
 
@@ -288,6 +319,10 @@ class _Image:
 def _read_image(pair: Pair, opts: Options) -> _Image:
     data = _read_bytes(pair.image)
     im = _open_image(data, pair.image, "image")
+    _single_frame(im, pair.image, "image")
+    if im.mode == "F":
+        raise _Skip(f"a 32-bit float {im.format or 'image'}: segdist stores 8- and 16-bit images; convert it "
+                    f"(how its values map to 0..255 is the data's to choose)", pair.image)
     if im.mode not in _IMAGE_MODES:
         raise _Skip(f"unsupported image mode {im.mode}; convert it to 8- or 16-bit RGB or gray", pair.image)
     orientation = _orientation(im)
