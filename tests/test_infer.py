@@ -376,7 +376,8 @@ def test_multi_frame_and_float_images_are_skipped_for_what_they_are(ckpt, tmp_pa
     summary = predict_paths(ckpt, tmp_path / "in", tmp_path / "out", device="cpu")
     assert summary.startswith("predicted 0 image(s)") and "skipped 4 unreadable" in summary
     said = {"anim.webp": "3 frames (animated or multi-page WebP)",
-            "pages.tif": "3 frames (animated or multi-page TIFF)", "gray32f.tif": "a float32 TIFF with 1 channel(s)", "rgb32f.tif": "a float32 TIFF with 3 channel(s)"}
+            "pages.tif": "3 frames (animated or multi-page TIFF)", "gray32f.tif": "a float32 TIFF with 1 channel(s)",
+            "rgb32f.tif": "a float32 TIFF with 3 channel(s)"}
     for name, says in said.items():
         assert f"{name} ({says}" in summary, (name, summary)
     assert reasons.keys() == said.keys()
