@@ -381,3 +381,34 @@ def test_multi_frame_and_float_images_are_skipped_for_what_they_are(ckpt, tmp_pa
     for name, says in said.items():
         assert f"{name} ({says}" in summary, (name, summary)
     assert reasons.keys() == said.keys()
+
+
+def test_sliding_windows_are_bounded_and_counted(ckpt):
+    """--overlap 0.99 on a 10000x200 image would be 1.4 million windows at stride 1 (hours): refused at once, naming
+    the numbers and the fix; a sane overlap runs, every window counted by the progress bar."""
+    import time
+
+    from segdist.infer import Predictor
+
+    wide = np.zeros((200, 10000, 3), np.uint8)
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as e:
+        Predictor.load(ckpt, "cpu", "sliding", overlap=0.99).predict(wide)
+    assert time.monotonic() - t0 < 30
+    assert str(e.value).startswith("sliding windows over a 200x10000 image at --overlap 0.99 (stride 1 px) would be "
+                                   "1361369 windows of 64x64")
+    assert "lower --overlap (0.5: 1872 windows) or use --mode resize" in str(e.value)
+
+    class Count:
+        total = n = 0
+
+        def refresh(self):
+            pass
+
+        def update(self, k):
+            self.n += k
+
+    predictor = Predictor.load(ckpt, "cpu", "sliding", overlap=0.5, batch_size=16)
+    predictor.windows = Count()
+    assert predictor.predict(wide[:, :160]).shape == (200, 160)
+    assert predictor.windows.total == predictor.windows.n == 6 * 4  # rows at 0, 32, ..., 136; cols 0, 32, 64, 96

@@ -3,7 +3,8 @@
 ``resize`` mode: one window per view, the resized image padded (bottom/right) to a multiple of
 :data:`segdist.config.STRIDE`. ``sliding`` mode: windows of the training size, stride = window x (1 -
 overlap) (MMSegmentation's convention), the last window aligned to the far edge, an image
-smaller than a window padded; :func:`blend_weights` weighs the overlapping windows' logits.
+smaller than a window padded; :func:`blend_weights` weighs the overlapping windows' logits. A window
+count that would compute each pixel more than :data:`MAX_COVERAGE` times is refused before it is planned.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import STRIDE
+from ..errors import UserError
 from ..resize import scaled_size
 from .options import Options
 
@@ -39,6 +41,23 @@ def window_starts(length: int, window: int, overlap: float) -> list[int]:
     return [min(i * stride, length - window) for i in range(n)]
 
 
+MAX_COVERAGE = 64
+"""Sliding windows may compute each pixel of an image at most this many times on average (overlap 0.875 at the
+most): at --overlap 0.99 a 10000x200 image would need 1.4 million windows at stride 1 and run for hours."""
+
+
+def check_coverage(hw: tuple[int, int], padded: tuple[int, int], window: tuple[int, int], n: int,
+                   overlap: float) -> None:
+    """UserError when ``n`` windows over an image padded to ``padded`` exceed :data:`MAX_COVERAGE`."""
+    coverage = n * window[0] * window[1] / (padded[0] * padded[1])
+    if n > 1 and coverage > MAX_COVERAGE:
+        stride = max(1, round(window[0] * (1 - overlap)))
+        at_half = len(window_starts(padded[0], window[0], 0.5)) * len(window_starts(padded[1], window[1], 0.5))
+        raise UserError(f"sliding windows over a {hw[0]}x{hw[1]} image at --overlap {overlap:g} (stride {stride} px) "
+                        f"would be {n} windows of {window[0]}x{window[1]}, computing each pixel {coverage:.0f} times "
+                        f"(at most {MAX_COVERAGE}); lower --overlap (0.5: {at_half} windows) or use --mode resize")
+
+
 def view_size(opts: Options, hw: tuple[int, int], scale: float) -> tuple[int, int]:
     """The (h, w) an image of original size ``hw`` is resized to in a pass at ``scale``."""
     if opts.resize == "squash":
@@ -58,8 +77,10 @@ def plan_views(opts: Options, hw: tuple[int, int]) -> list[View]:
         else:
             window = opts.image_hw
             padded = (max(size[0], window[0]), max(size[1], window[1]))
-            origins = tuple(itertools.product(window_starts(padded[0], window[0], opts.overlap),
-                                              window_starts(padded[1], window[1], opts.overlap)))
+            rows = window_starts(padded[0], window[0], opts.overlap)
+            cols = window_starts(padded[1], window[1], opts.overlap)
+            check_coverage(hw, padded, window, len(rows) * len(cols), opts.overlap)  # before the windows exist
+            origins = tuple(itertools.product(rows, cols))
         views += [View(size, flip, padded, window, origins) for flip in ((False, True) if opts.flip else (False,))]
     return views
 

@@ -44,7 +44,11 @@ def predict_paths(ckpt: str | Path, inputs, out: str | Path, device: str = "auto
     total, jobs = find_inputs([inputs] if isinstance(inputs, (str, Path)) else inputs, split, meta.class_table)
     out = Path(out)
     done, skipped = 0, []
-    with tqdm(total=total, unit="image", desc="predict", disable=None) as bar:
+    with tqdm(total=total, unit="image", desc="predict", disable=None) as bar, \
+            tqdm(total=0, unit="window", desc="windows", disable=None if mode == "sliding" else True, position=1,
+                 leave=False) as windows:
+        predictor.windows = windows  # one image of sliding windows can take long: its windows move on
+
         def readable() -> Iterator[tuple[Source, tuple[Job, np.ndarray]]]:
             for job in jobs:
                 try:

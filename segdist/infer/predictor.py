@@ -145,6 +145,7 @@ class Predictor:
                  batch_size: int = BATCH_SIZE, autocast: Callable = contextlib.nullcontext):
         self.model, self.meta, self.opts = model.eval(), meta, opts
         self.device, self.batch_size, self.autocast = torch.device(device), max(1, int(batch_size)), autocast
+        self.windows = None  # a progress bar (tqdm) counting windows planned (its total) and done, when set
 
     @classmethod
     def load(cls, ckpt: str | Path, device: str = "auto", mode: str | None = None, batch_size: int = BATCH_SIZE,
@@ -169,6 +170,9 @@ class Predictor:
             pixels = view_pixels(src, views, self.opts.reduced)
             chunk.append((payload, src.hw, views, [view_tiles(pixels[v.size], v) for v in views]))
             n += sum(len(v.origins) for v in views)
+            if self.windows is not None:
+                self.windows.total += sum(len(v.origins) for v in views)
+                self.windows.refresh()
             if per_image or n >= self.batch_size:
                 yield from self._run_chunk(chunk)
                 chunk, n = [], 0
@@ -186,6 +190,8 @@ class Predictor:
                 part = group[b:b + self.batch_size]
                 for (blend, k, _), logits in zip(part, self.forward(torch.stack([t for *_, t in part]))):
                     blend.add(k, logits)
+                if self.windows is not None:
+                    self.windows.update(len(part))
         for (payload, hw, _, _), bl in zip(chunk, blends):
             yield payload, self.probabilities(bl, hw)
 
