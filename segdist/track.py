@@ -14,6 +14,7 @@ import numpy as np
 
 from .atomic import atomic_write_bytes
 from .config import Config
+from .errors import writing
 
 PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
                     [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60]],
@@ -96,7 +97,8 @@ class RunLog:
     def log(self, record: dict, step: int) -> None:
         if not self.acc.is_main_process:
             return
-        with open(self.path, "a") as f:
+        # A full disk may tear this line: a resume drops a torn last line (read_records) and re-logs from its state.
+        with writing(self.path, "run the same command with train.resume=auto"), open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **record}) + "\n")
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
         if self.backend != "none":
@@ -172,9 +174,13 @@ def save_figure(fig, out: Path) -> None:
     plt = pyplot()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with writing(out):
+            fig.savefig(tmp, dpi=100)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)  # a figure cut short by a full disk
 
 
 def plot_curves(metrics_path: Path, out: Path) -> None:

@@ -118,3 +118,30 @@ def test_full_disk_errors_are_recognised_in_every_writers_words():
     read_only = os_error_line(OSError(errno.EROFS, "Read-only file system", "/x/y"))
     assert read_only.startswith("cannot write /x/y (read-only")
     assert os_error_line(OSError(errno.ENOENT, "No such file", "/x")) is None  # not ours to word: a bug shows
+
+
+def test_a_full_disk_while_predicting_names_the_file(ckpt, tmp_path):
+    from segdist.infer import predict_paths
+    from tests.shardutil import sample_bytes
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "photo.png").write_bytes(sample_bytes(0, 32)[0])
+    with pytest.raises(DiskFull) as e, file_size_limit(300):  # the mask PNG fits, its overlay does not
+        predict_paths(ckpt, tmp_path / "in", tmp_path / "out", device="cpu")
+    assert str(e.value).startswith(f"cannot write {tmp_path / 'out' / 'overlays' / 'photo.png'}: a file grew past")
+    assert (tmp_path / "out" / "masks" / "photo.png").is_file() and leftovers(tmp_path / "out") == []
+
+
+def test_a_full_disk_while_logging_names_the_file(tmp_path):
+    from types import SimpleNamespace
+
+    from segdist.track import RunLog, plot_curves
+
+    log = RunLog(SimpleNamespace(is_main_process=True), tmp_path, "none")
+    log.log({"event": "epoch", "epoch": 1, "train_loss": 0.5}, 1)
+    with pytest.raises(DiskFull, match=f"cannot write {tmp_path / 'metrics.jsonl'}: .* train.resume=auto"), \
+            file_size_limit(log.path.stat().st_size + 10):
+        log.log({"event": "epoch", "epoch": 2, "train_loss": 0.25, "note": "x" * 100}, 2)
+    with pytest.raises(DiskFull, match=f"cannot write {tmp_path / 'curves.png'}"), file_size_limit(1000):
+        plot_curves(log.path, tmp_path / "curves.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
