@@ -21,12 +21,14 @@ import yaml
 
 from .atomic import atomic_write_text
 from .errors import UserError
+from .storage import parse_size
 
 
 @dataclass
 class DataConfig:
     shards: str = ""
-    """Shard folder (with ``manifest.json``) or an ``http(s)://`` base URL serving one."""
+    """Shard folder (with ``manifest.json``), an ``http(s)://`` or ``s3://bucket/prefix/`` base serving one, or a
+    brace/glob pattern of shard files or objects."""
     image_size: int | list[int] = 256
     """Batch rows the model sees: S (square) or [H, W]. With ``resize`` short_side or none it is the
     crop size (random crop in training, centred in validation; smaller samples are padded)."""
@@ -55,7 +57,20 @@ class DataConfig:
     decode: str = "cpu"
     """``cpu`` (OpenCV in the loader workers) or ``device`` (JPEGs decoded on the accelerator: nvJPEG on CUDA)."""
     read_timeout: float = 60.0
-    """Seconds an http(s) shard read may get no data before it fails (a stalled server is an error, not a hang)."""
+    """Seconds an http(s) or s3 shard read may get no data before it fails (a stalled server is an error, not a hang)."""
+    endpoint_url: str = ""
+    """S3-compatible endpoint for ``s3://`` shards (MinIO, R2, Ceph: e.g. ``http://minio:9000``); empty = AWS, or
+    what AWS_ENDPOINT_URL / the AWS profile says. Credentials come from the standard AWS chain."""
+    retries: int = 10
+    """Retries of one ``s3://`` request or read position (throttling, 5xx, resets, cut or stalled bodies, outages);
+    a read resumes from the byte it reached. Waits double from ``retry_backoff`` up to 10 s (at most ~65 s in all)."""
+    retry_backoff: float = 0.5
+    """Seconds before the first retry (see ``retries``)."""
+    cache_dir: str = ""
+    """Node-local folder keeping ``s3://`` shards after their first read, shared by the node's processes
+    (LRU within ``cache_limit``); empty = stream every epoch."""
+    cache_limit: str = ""
+    """Most bytes ``cache_dir`` may hold, e.g. ``50GB`` or ``200GiB``; empty = until 10 % of its disk is free."""
 
     @property
     def eval_batch_size(self) -> int:
@@ -304,7 +319,8 @@ BOUNDS: dict[str, Range] = {
     "data.image_size": Range(32), "data.short_side": Range(0, why="0 = the short side of image_size"),
     "data.scale": Range(0, lo_open=True, why="resize factors"), "data.batch_size": _POSITIVE, "data.val_batch_size": Range(0, why="0 = batch_size"),
     "data.num_workers": _COUNT, "data.prefetch": _POSITIVE, "data.shuffle_buffer": _POSITIVE,
-    "data.read_timeout": Range(0, lo_open=True, why="seconds"),
+    "data.read_timeout": Range(0, lo_open=True, why="seconds"), "data.retries": Range(0, 100),
+    "data.retry_backoff": Range(0, 60, lo_open=True, why="seconds"),
     "augment.hflip": _P, "augment.vflip": _P, "augment.crop_p": _P, "augment.affine_p": _P,
     "augment.color_p": _P, "augment.blur_p": _P, "augment.noise_p": _P,
     "augment.crop_scale": Range(0, 1, lo_open=True, why="an area fraction"),
@@ -364,6 +380,7 @@ def check_section(name: str, section) -> None:
                             f"downsamples 5 times); got {section.image_size}")
         if len(section.scale) != 2 or section.scale[0] > section.scale[1]:
             raise UserError(f"config key 'data.scale' must be [min, max] with min <= max; got {section.scale}")
+        parse_size(section.cache_limit, "data.cache_limit")  # "50GB": a typo fails here, not at the first shard
 
 
 def _validate(cfg: Config) -> None:

@@ -1,8 +1,8 @@
-"""Read shard folders: ``manifest.json`` (local, ``file://`` or http(s)), shard URLs and sample counts.
+"""Read shard folders: ``manifest.json`` (local, ``file://``, http(s) or ``s3://``), shard URLs and sample counts.
 
 Training imports only this part of :mod:`segdist.shards`, so it imports the standard library and
-nothing else at module level (``braceexpand`` and ``webdataset`` load inside the functions that
-expand or count shard patterns).
+:mod:`segdist.storage` (itself standard library only until an ``s3://`` URL is used) at module
+level; ``braceexpand`` and ``webdataset`` load inside the functions that expand or count shard patterns.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import storage
 from ..errors import UserError
 
 FORMAT = "segdist-shards"
@@ -49,9 +50,11 @@ def _folder_of(base) -> str | Path:
 def read_manifest(base) -> dict:
     """Load and check ``manifest.json`` of a shard folder, a manifest path or an http(s) URL prefix."""
     folder = _folder_of(base)
-    if isinstance(folder, str):
+    if isinstance(folder, str) and storage.is_remote(folder):
+        text = storage.read_manifest_text(folder, MANIFEST)
+    elif isinstance(folder, str):
         if not folder.startswith(("http://", "https://")):
-            raise UserError(f"unsupported shard URL {base}: use a local folder or an http(s):// URL")
+            raise UserError(f"unsupported shard URL {base}: use a local folder, an http(s):// or an s3:// URL")
         url = f"{folder}/{MANIFEST}"
         try:
             with urllib.request.urlopen(url, timeout=60) as r:
@@ -119,7 +122,9 @@ def expand_urls(spec: str) -> list[str]:
     urls: list[str] = []
     for part in spec.split("::"):
         for url in braceexpand.braceexpand(part):
-            if "://" not in url and not url.startswith("pipe:") and any(c in url for c in "*?["):
+            if storage.is_remote(url) and any(c in url for c in "*?["):
+                urls.extend(storage.glob(url))  # one listing of the prefix before the first wildcard
+            elif "://" not in url and not url.startswith("pipe:") and any(c in url for c in "*?["):
                 urls.extend(sorted(glob.glob(url)))
             else:
                 urls.append(url)
@@ -136,7 +141,8 @@ _RETRIES, _RETRY_DELAY = 30, 2.0  # what webdataset's curl command used (--retry
 
 
 def open_shard(url: str, read_timeout: float = 60.0):
-    """A binary stream of one tar: http(s) through urllib, anything else through WebDataset's gopen.
+    """A binary stream of one tar: s3:// through :mod:`segdist.storage`, http(s) through urllib, anything
+    else through WebDataset's gopen.
 
     webdataset's gopen runs ``curl --connect-timeout 30 --retry 30`` for http(s), with no limit
     on a transfer that stalls: a stalled server hung the reader forever. A socket timeout
@@ -147,6 +153,8 @@ def open_shard(url: str, read_timeout: float = 60.0):
 
     from webdataset.gopen import gopen
 
+    if storage.is_remote(url):
+        return storage.open_remote(url, read_timeout)  # retried, resumed, ETag-pinned (segdist.storage)
     if not url.startswith(("http://", "https://")):
         return gopen(url)
     for attempt in range(_RETRIES + 1):
@@ -193,6 +201,8 @@ def _count_samples(url: str, read_timeout: float = 60.0) -> int:
     try:
         stream = open_shard(url, read_timeout)
         return sum(1 for _ in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])))
+    except UserError:
+        raise  # already one line that names the URL (an object-store failure)
     except Exception as e:  # noqa: BLE001 -- any I/O or tar error is the user's data or URL
         if is_stall(e):
             raise UserError(f"no data from {url} for {read_timeout:g} s; is the server up?") from None
