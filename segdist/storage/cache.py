@@ -2,8 +2,8 @@
 
 Layout of ``data.cache_dir``: ``<entry>`` complete shards, ``<entry>.<bytes>.part`` downloads in
 flight (``<bytes>`` = the size they reserve), ``.lock``. An entry's name holds a hash of its URL
-and of its ETag (one HEAD per open says which), so a replaced object is another entry: a stale
-copy is never read, and the old one ages out.
+and of its ETag (one HEAD the first time a process opens the URL says which), so a replaced object
+is another entry: a stale copy is never read, and the old one ages out.
 
 Every lock is an ``fcntl.flock``, which the kernel drops when a process dies, so a killed worker
 never wedges the cache:
@@ -66,7 +66,7 @@ class ShardCache:
 
     def open(self, url: str, read_timeout: float = 60.0) -> BinaryIO:
         """A binary stream of ``url``'s bytes: the cached copy, fetched first if this node has none."""
-        etag, size = s3.head(url, read_timeout)
+        etag, size = _version(url, read_timeout)
         entry = self.dir / entry_name(url, etag)
         part = entry.with_name(f"{entry.name}.{size}.part")
         while True:
@@ -157,6 +157,18 @@ class ShardCache:
                 used -= n
                 stats.add(cache_evictions=1)
         return used + need <= limit
+
+
+_versions: dict[str, tuple[str, int]] = {}  # url -> (ETag, size) this process (or its parent, before a fork) saw
+
+
+def _version(url: str, read_timeout: float) -> tuple[str, int]:
+    """``(ETag, size)`` of ``url``: one HEAD the first time this process opens it, then the same version for
+    the process's life (a persistent loader worker's warm epochs make no request at all; an object replaced
+    meanwhile is pinned like a read's ETag, and fetching it again fails as :class:`~.s3.Changed`)."""
+    if url not in _versions:
+        _versions[url] = s3.head(url, read_timeout)
+    return _versions[url]
 
 
 def _open_entry(path: Path) -> BinaryIO | None:

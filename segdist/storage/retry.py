@@ -31,8 +31,9 @@ class Exhausted(Exception):
 class Retrier:
     """Backoff state of one request or read; settings from :func:`segdist.storage.settings.current`."""
 
-    def __init__(self, retries: int | None = None, backoff: float | None = None):
+    def __init__(self, retries: int | None = None, backoff: float | None = None, sleep=time.sleep):
         s = current()
+        self.sleep = sleep  # an Event's wait() makes the waits interruptible
         self.retries = s.retries if retries is None else retries
         self.backoff = s.retry_backoff if backoff is None else backoff
         self.failures = 0  # in a row, at one offset
@@ -52,7 +53,7 @@ class Retrier:
         delay = min(RETRY_CAP, self.backoff * 2 ** self.failures) * _jitter.uniform(0.5, 1.0)
         self.failures += 1
         stats.add(retries=1)
-        time.sleep(delay)
+        self.sleep(delay)
 
     def succeeded(self) -> None:
         """A response arrived: the time since the first failure of this run was lost to retrying."""
