@@ -516,7 +516,11 @@ def _glob_regex(pattern: str) -> str:
 def check_bucket(url: str) -> None:
     """The bucket of ``url`` exists and these credentials reach it (a build fails now, not after an hour)."""
     loc = parse(url)
-    request("checking the bucket of", url, lambda c: c.head_bucket(Bucket=loc.bucket))
+    try:
+        request("checking the bucket of", url, lambda c: c.head_bucket(Bucket=loc.bucket))
+    except NotFound:  # HEAD answers a bare 404: say which thing is missing
+        raise NoBucket(f"bucket '{loc.bucket}' does not exist at {endpoint(client())}; create it first or check "
+                       f"the bucket in {url} (and the endpoint for an S3-compatible store)") from None
 
 
 def put_file(path: Path, url: str) -> None:
