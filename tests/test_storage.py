@@ -252,6 +252,19 @@ def test_upload_and_build_write_the_manifest_last(store, shards, tmp_path, capsy
     assert "bucket 'no-bucket' does not exist" in err
 
 
+def test_bench_data_remote_reports_stream_raw_get_local_and_cache(store, shards, capsys):
+    argv = ["bench", "data", "--remote", "s3://data/bench/", "--shards", str(shards), "--min-seconds", "0", "--json"]
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["num_shards"] == 3 and r["samples"] == sum(UNEVEN) and r["retries"] == 0
+    assert all(r[k] > 0 for k in ("local_mb_s", "s3_mb_s", "raw_get_mb_s", "cache_warm_mb_s", "s3_vs_raw_get"))
+    assert store.faults.log[-1] != ("PUT", "bench/manifest.json") and ("PUT", "bench/manifest.json") in store.faults.log
+    store.faults.reset()
+    assert main(argv[:-1]) == 0  # the same set is there: nothing uploaded again; the table
+    assert not [m for m, _ in store.faults.log if m == "PUT"]
+    assert "s3 stream / raw GET" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- 2 processes
 LAUNCH = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
