@@ -1,8 +1,8 @@
 """A real S3 endpoint on 127.0.0.1 for the storage tests: moto's server, with a small WSGI middleware
 in front of its app that counts requests and injects faults.
 
-Faults apply to object GETs whose key matches ``Faults.match``, one per GET, in the order of
-``Faults.plan``:
+Faults apply to object requests (GETs unless ``Faults.methods`` says otherwise) whose key matches
+``Faults.match``, one per request, in the order of ``Faults.plan``:
 
 * ``slowdown`` -- 503 SlowDown (S3's throttling answer), no body;
 * ``truncate`` -- the full Content-Length, half the body, then the connection closes (FIN);
@@ -55,6 +55,7 @@ class Faults:
         self.plan: list[str] = []
         self.after = ""
         self.match = re.compile(r"\.tar$")
+        self.methods = ("GET",)  # requests that faults apply to
         self.stall_s, self.outage_s = 3.0, 2.0
         self.requests: Counter = Counter()  # (method, key) -> count; key "" for bucket-level requests
         self.log: list[tuple[str, str]] = []  # (method, key) of every request, in arrival order
@@ -62,9 +63,9 @@ class Faults:
         self.injected: list[tuple[float, str, str]] = []  # (time, fault, key)
         self.released = threading.Event()
 
-    def reset(self, plan=(), after: str = "", match: str = r"\.tar$") -> None:
+    def reset(self, plan=(), after: str = "", match: str = r"\.tar$", methods=("GET",)) -> None:
         with self.lock:
-            self.plan, self.after, self.match = list(plan), after, re.compile(match)
+            self.plan, self.after, self.match, self.methods = list(plan), after, re.compile(match), tuple(methods)
             self.requests.clear()
             self.log.clear()
             self.gets.clear()
@@ -83,16 +84,17 @@ class Faults:
         with self.lock:
             self.requests[(method, key)] += 1
             self.log.append((method, key))
+            if method in self.methods and key and self.match.search(key):
+                fault = self.plan.pop(0) if self.plan else self.after
             if method == "GET" and key:
-                if self.match.search(key):
-                    fault = self.plan.pop(0) if self.plan else self.after
                 self.gets.append({"key": key, "range": environ.get("HTTP_RANGE"),
                                   "if_match": environ.get("HTTP_IF_MATCH"), "fault": fault, "t": time.monotonic()})
                 if fault:
                     self.injected.append((time.monotonic(), fault, key))
         sock = environ.get("werkzeug.socket")
         if fault == "slowdown":
-            start_response("503 Slow Down", [("Content-Type", "application/xml"), ("Content-Length", str(len(SLOWDOWN)))])
+            start_response("503 Slow Down", [("Content-Type", "application/xml"),
+                                             ("Content-Length", str(len(SLOWDOWN)))])
             return [SLOWDOWN]
         if fault in ("reset", "outage"):
             if fault == "outage":

@@ -25,9 +25,9 @@ from . import s3, stats
 from .s3 import Changed, NoBucket, NotFound, RemoteError, check_bucket, glob, list_objects
 from .settings import Settings, configure, configure_from, current, parse_size
 
-__all__ = ["Changed", "NoBucket", "NotFound", "RemoteError", "Settings", "check_bucket", "configure", "configure_from", "current",
-           "glob", "is_remote", "list_objects", "open_remote", "parse_size", "read_manifest_text", "read_text", "stats",
-           "upload"]
+__all__ = ["Changed", "NoBucket", "NotFound", "RemoteError", "Settings", "check_bucket", "configure",
+           "configure_from", "current", "glob", "is_remote", "list_objects", "open_remote", "parse_size",
+           "read_manifest_text", "read_text", "stats", "upload"]
 
 
 def is_remote(url) -> bool:

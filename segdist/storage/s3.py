@@ -164,7 +164,10 @@ def failures() -> tuple[type, ...]:
 
 
 def _code(e) -> tuple[str, int]:
-    err = getattr(e, "response", {}) or {}
+    """``(error code, HTTP status)`` of a botocore ClientError; ``("", 0)`` for anything else."""
+    err = getattr(e, "response", None)
+    if not isinstance(err, dict):
+        return "", 0
     return str(err.get("Error", {}).get("Code", "")), int(err.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
 
 
@@ -523,10 +526,28 @@ def check_bucket(url: str) -> None:
                        f"the bucket in {url} (and the endpoint for an S3-compatible store)") from None
 
 
+SINGLE_PUT_MAX = 4 << 30
+"""Files up to this size are one PUT (S3 allows 5 GB), retried whole; larger ones go multipart."""
+
+
 def put_file(path: Path, url: str) -> None:
-    """Upload file ``path`` to ``url`` (multipart for large files; retried whole on a transient failure)."""
+    """Upload file ``path`` to ``url``: one PUT, retried whole on a transient failure (multipart past
+    :data:`SINGLE_PUT_MAX`, whose parts s3transfer retries itself)."""
     loc = parse(url)
-    request("uploading to", url, lambda c: c.upload_file(str(path), loc.bucket, loc.key))
+
+    def put(c):
+        with open(path, "rb") as f:  # opened per attempt: a retry sends the file from its start
+            return c.put_object(Bucket=loc.bucket, Key=loc.key, Body=f)
+
+    if Path(path).stat().st_size <= SINGLE_PUT_MAX:
+        request("uploading to", url, put)
+    else:
+        from boto3.exceptions import S3UploadFailedError
+
+        try:
+            request("uploading to", url, lambda c: c.upload_file(str(path), loc.bucket, loc.key))
+        except S3UploadFailedError as e:  # s3transfer's wrapper of whatever failed
+            raise RemoteError(f"uploading to {url} failed: {_first_line(e)}") from None
     stats.add(puts=1)
 
 
