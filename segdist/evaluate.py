@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .atomic import atomic_write_text
+from . import storage
 from .augment import DeviceAugment
 from .checkpoint import read_meta
 from .config import Config, config_from_dict
@@ -131,6 +132,7 @@ def eval_session(ckpt: str, shards: str) -> Iterator[EvalSession]:
     exact_kernels()
     accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
     try:
+        storage.configure_from(cfg.data)  # the training run's s3 endpoint, retries and cache
         shard_set = open_shards(shards)
         yield EvalSession(meta, cfg, accelerator, shard_set, load_model(ckpt).to(accelerator.device))
     finally:
