@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .atomic import atomic_write_text
+from . import storage
 from .augment import DeviceAugment
 from .checkpoint import read_meta
 from .config import Config, config_from_dict
@@ -133,6 +134,7 @@ def eval_session(ckpt: str, shards: str) -> Iterator[EvalSession]:
     exact_kernels()
     accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
     try:
+        storage.configure_from(cfg.data)  # the training run's s3 endpoint, retries and cache
         shard_set = open_shards(shards)
         if shard_set.task is not None:  # a pattern without a manifest states no classes
             same_classes(meta.class_table, class_table(shard_set), f"model '{ckpt}'", f"shards '{shards}'",

@@ -21,6 +21,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from . import storage
 from .augment import DeviceAugment
 from .card import write_model_card
 from .checkpoint import ModelMeta, repair_run_folder, save_model, save_state
@@ -158,7 +159,8 @@ def train_one_epoch(t: Trainer, batches, loop: Loop) -> tuple[Loop, dict]:
         if cfg.train.checkpoint_every and loop.step % cfg.train.checkpoint_every == 0 and i + 1 < end:
             save(t, loop)
     bar.close()
-    record = {"event": "epoch", "epoch": loop.epoch + 1, **meter.epoch(acc.num_processes), **device_memory(acc)}
+    record = {"event": "epoch", "epoch": loop.epoch + 1, **meter.epoch(acc.num_processes), **device_memory(acc),
+              **storage_record(t)}
     return dataclasses.replace(loop, epoch=loop.epoch + 1, batch=0, carry=[]), record
 
 
@@ -269,6 +271,7 @@ def setup(cfg: Config, stop: StopSignal, owned: contextlib.ExitStack) -> Trainer
     for line in [note] * bool(note) + (repair_run_folder(run_dir) if acc.is_main_process else []):
         acc.print(line)
     set_seed(cfg.train.seed, device_specific=True)  # different augmentation per rank, reproducible per seed
+    storage.configure_from(cfg.data)  # s3:// endpoint, retries, cache: before any read, inherited by loader workers
     shards = open_shards(cfg.data.shards)  # manifest.json read once per process
     check_disjoint(shards)
     out_ch = out_channels_for(cfg, shards)
@@ -421,9 +424,21 @@ def summary_line(rec: dict) -> str:
     parts += [f"{k} {rec[k]:.4f}" for k in ("val_loss", "val_iou", "val_dice", "val_iou_present", "val_pixel_acc",
                                           "val_input_iou") if k in rec]
     parts += [f"{rec['img_s']:.1f} img/s", f"data-wait {100 * rec['data_wait']:.0f}%"]
+    if rec.get("storage/retries"):
+        parts.append(f"{rec['storage/retries']:.0f} storage retries ({rec['storage/retry_s']:.1f} s)")
     if rec.get("decode_fallbacks"):
         parts.append(f"{rec['decode_fallbacks']} JPEGs decoded on the CPU (the device decoder refused them)")
     return " | ".join(parts)
+
+
+def storage_record(t: Trainer) -> dict:
+    """Object-storage traffic of all ranks since the last record (``s3://`` shards only): requests, MB,
+    retries and the seconds they cost, cache hits. One all-reduce, at the same point on every rank."""
+    if not storage.is_remote(t.cfg.data.shards):
+        return {}
+    names, values = storage.stats.take()
+    total = t.accelerator.reduce(torch.tensor(values, device=t.accelerator.device), "sum")
+    return {f"storage/{n}": round(v, 3) for n, v in zip(names, total.tolist())}
 
 
 def device_memory(accelerator) -> dict:

@@ -12,6 +12,7 @@ from .common import DEFAULT_SOURCE, BenchArgs, build_bench_shards, check_args, s
 from .course import read_course_csv
 from .data import format_table, run_data_bench
 from .decode import format_decode_table, run_decode_bench
+from .remote import format_remote_table, run_remote_bench
 from .train import MALLOC_SETTINGS, TrainArgs, format_train_table, run_train_bench
 
 
@@ -46,6 +47,9 @@ def add_cli(sub) -> None:
     d.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
     d.add_argument("--workers", type=int, default=2, help="loader worker processes (default 2)")
     d.add_argument("--rss", action="store_true", help="also measure the stream's peak RSS with 1x and 10x shards")
+    d.add_argument("--remote", metavar="S3_URL",
+                   help="instead: s3:// streaming vs a raw GET of the same objects vs local disk, decode off (the "
+                        "shards are uploaded to this prefix first unless they are there; endpoint: AWS_ENDPOINT_URL)")
     d.set_defaults(func=_cmd_data)
     k = bsub.add_parser("decode", help="JPEG decoders compared on the same shard bytes (speed, difference)",
                         description="Single-thread speed of each JPEG decoder (+ the same resize) on the shards' "
@@ -76,6 +80,12 @@ def add_cli(sub) -> None:
 
 
 def _cmd_data(args) -> int:
+    if args.remote:
+        result = run_remote_bench(BenchArgs(shards=args.shards, source=args.source, split=args.split,
+                                            workers=args.workers, max_side=args.max_side, limit=args.limit,
+                                            min_seconds=args.min_seconds), args.remote)
+        print(json.dumps(result) if args.json else format_remote_table(result))
+        return 0
     result = run_data_bench(BenchArgs(shards=args.shards, source=args.source, split=args.split, size=args.size,
                                       batch=args.batch, workers=args.workers, max_side=args.max_side,
                                       limit=args.limit, min_seconds=args.min_seconds, rss=args.rss))

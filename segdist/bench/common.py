@@ -150,7 +150,8 @@ def source_csv(source: str) -> Path:
     return path
 
 
-def build_bench_shards(rows: list[tuple[str, str]], out: Path, max_side: int, workers: int) -> Path:
+def build_bench_shards(rows: list[tuple[str, str]], out: Path, max_side: int, workers: int,
+                       samples_per_shard: int = 64) -> Path:
     """All ``rows`` as one train split (no val) in ``out``; downscaled images are re-encoded as JPEG."""
     src = out.parent / "source.csv"
     with open(src, "w", newline="") as f:  # absolute paths: the same samples the course reads
@@ -158,7 +159,7 @@ def build_bench_shards(rows: list[tuple[str, str]], out: Path, max_side: int, wo
         w.writerow(["images", "masks"])
         w.writerows([(str(Path(i).resolve()), str(Path(m).resolve())) for i, m in rows])
     build_shards(src, out, val_fraction=0.0, max_side=max_side, reencode="jpeg", jpeg_quality=95,
-                 workers=workers, progress=False)
+                 workers=workers, progress=False, samples_per_shard=samples_per_shard)
     return out
 
 

@@ -94,6 +94,26 @@ def _plain_name(key_: str, name: str, section) -> None:
                         f"no '/', not '..', not empty); got {name!r}. Put the parent folder in train.out_dir")
 
 
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text, key_: str) -> int:
+    """Bytes in ``"50GB"`` (decimal units), ``"200GiB"`` (binary), ``"1000000"`` or an int; "" or 0 = 0."""
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+        return text
+    if str(text).strip() == "":
+        return 0
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UserError(f"config key '{key_}' must be a size like 50GB, 200GiB or a number of bytes; got '{text}'")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _size(key_: str, text: str, section) -> None:
+    parse_size(text, key_)  # "50GB": a typo fails when the config loads, not at the first shard
+
+
 RESIZE_MODES = ("squash", "short_side", "none")
 """How a sample becomes a batch row (``data.resize``): squash to the size; keep the aspect and
 resize the short side to ``data.short_side``; or keep the native resolution. The last two then
@@ -133,10 +153,29 @@ class DataConfig:
     decode: str = key("cpu", choices=("cpu", "device"))
     """``cpu`` (OpenCV in the loader workers) or ``device`` (JPEGs decoded on the accelerator: nvJPEG on CUDA)."""
     read_timeout: float = key(60.0, range=Range(0, lo_open=True, why="seconds"))
-    """Seconds an http(s) shard read may get no data before it fails (a stalled server is an error, not a hang)."""
+    """Seconds an http(s) or s3 shard read may get no data before it fails (a stalled server is an error, not a
+    hang)."""
+    endpoint_url: str = key("")
+    """S3-compatible endpoint for ``s3://`` shards (MinIO, R2, Ceph: e.g. ``http://minio:9000``); empty = AWS, or
+    what AWS_ENDPOINT_URL / the AWS profile says. Credentials come from the standard AWS chain."""
+    retries: int = key(10, range=Range(0, 100))
+    """Retries of one ``s3://`` request or read position (throttling, 5xx, resets, cut or stalled bodies, outages);
+    a read resumes from the byte it reached. Waits double from ``retry_backoff`` up to 10 s (at most ~65 s in all)."""
+    retry_backoff: float = key(0.5, range=Range(0, 60, lo_open=True, why="seconds"))
+    """Seconds before the first retry (see ``retries``)."""
+    cache_dir: str = key("")
+    """Node-local folder keeping ``s3://`` shards after their first read, shared by the node's processes
+    (LRU within ``cache_limit``); empty = stream every epoch."""
+    cache_limit: str = key("", check=_size)
+    """Most bytes ``cache_dir`` may hold, e.g. ``50GB`` or ``200GiB``; empty = until 10 % of its disk is free."""
     max_member_mb: float = key(256.0, range=Range(0, lo_open=True, why="MiB"))
     """Largest tar member (one encoded image or mask) a shard reader accepts, judged from its tar header before
     reading it: a damaged or hostile shard cannot make a worker read gigabytes into memory."""
+
+    @property
+    def cache_limit_bytes(self) -> int:
+        """``cache_limit`` in bytes (0: until 10 % of the cache's disk is free)."""
+        return parse_size(self.cache_limit, "data.cache_limit")
 
     @property
     def eval_batch_size(self) -> int:

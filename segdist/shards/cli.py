@@ -1,12 +1,16 @@
-"""``segdist shards build|verify|info``: argparse wiring and console output."""
+"""``segdist shards build|verify|info|upload``: argparse wiring and console output."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
+from .. import storage
+from ..errors import UserError
 from .build import ON_ERROR, REENCODE, UNKNOWN_VALUES, BuildOptions, build_shards
 from .manifest import MANIFEST, read_manifest
 from .verify import summarize, verify_shards
@@ -15,7 +19,7 @@ _DEFAULT = BuildOptions()  # the defaults that the flags show and use
 
 
 def add_cli(sub) -> None:
-    """Register ``segdist shards build|verify|info`` on an argparse sub-parsers object."""
+    """Register ``segdist shards build|verify|info|upload`` on an argparse sub-parsers object."""
     p = sub.add_parser("shards", help="build, verify and describe WebDataset shard folders")
     ssub = p.add_subparsers(dest="shards_command", required=True)
     _build_parser(ssub)
@@ -24,9 +28,20 @@ def add_cli(sub) -> None:
     v.add_argument("--workers", metavar="N", type=int, default=0, help="processes (default: CPU count)")
     v.set_defaults(func=_cmd_verify)
     i = ssub.add_parser("info", help="print a shard folder's manifest summary")
-    i.add_argument("dir", help="shard folder or http(s) URL prefix")
+    i.add_argument("dir", help="shard folder, http(s) or s3:// URL prefix")
     i.add_argument("--json", action="store_true", help="print the whole manifest.json")
     i.set_defaults(func=_cmd_info)
+    u = ssub.add_parser("upload",
+                        help="upload a shard folder to s3://BUCKET/PREFIX/ (shards first, manifest.json last)")
+    u.add_argument("dir", help="shard folder (holds manifest.json)")
+    u.add_argument("url", help="s3://BUCKET/PREFIX/ (credentials: the standard AWS chain, e.g. AWS_PROFILE)")
+    _endpoint_flag(u)
+    u.set_defaults(func=_cmd_upload)
+
+
+def _endpoint_flag(parser) -> None:
+    parser.add_argument("--endpoint-url", metavar="URL", default="",
+                        help="S3-compatible endpoint for s3:// (MinIO, R2...; default: AWS or AWS_ENDPOINT_URL)")
 
 
 def _build_parser(ssub) -> None:
@@ -34,7 +49,9 @@ def _build_parser(ssub) -> None:
                         description="Build {split}-NNNNNN.tar shards + manifest.json (see docs/shards.md).")
     b.add_argument("src", nargs="?", help="folder (images/+masks/, train/+val/, train/+trainannot/, or one CSV) "
                                           "or a CSV/JSONL file")
-    b.add_argument("--out", metavar="DIR", required=True, help="output shard folder (replaced atomically if it is one)")
+    b.add_argument("--out", metavar="DIR", required=True,
+                   help="output shard folder (replaced atomically if it is one), or s3://BUCKET/PREFIX/ (built in "
+                        "$TMPDIR, then uploaded: shards first, manifest.json last)")
     g = b.add_argument_group("source")
     g.add_argument("--images", metavar="DIR", help="images folder (with --masks, instead of SRC)")
     g.add_argument("--masks", metavar="DIR", help="masks folder")
@@ -75,13 +92,17 @@ def _build_parser(ssub) -> None:
                    help="bad files: skip and list them (default) or stop at the first")
     g.add_argument("--workers", metavar="N", type=int, default=0, help="processes (default: CPU count)")
     g.add_argument("--force", action="store_true", help="replace --out even if it is not a shard folder")
+    _endpoint_flag(g)
     b.set_defaults(func=_cmd_build)
 
 
 def _cmd_build(args) -> int:
     t0 = time.perf_counter()
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(BuildOptions)}  # flag dest = field
-    manifest = build_shards(args.src, args.out, **options)
+    if storage.is_remote(args.out):
+        manifest = _build_to_bucket(args.src, args.out, options, args.endpoint_url)
+    else:
+        manifest = build_shards(args.src, args.out, **options)
     seconds = time.perf_counter() - t0
     n = manifest["counts"]["samples"]
     splits = ", ".join(f"{s} {i['samples']} ({len(i['shards'])} shards)" for s, i in manifest["splits"].items())
@@ -92,6 +113,35 @@ def _cmd_build(args) -> int:
           f"ignored {c['ignored']}")
     for line in _problem_lines(manifest["skipped"], "skipped") + _problem_lines(manifest["ignored"], "ignored"):
         print(line)
+    return 0
+
+
+def _build_to_bucket(src, url: str, options: dict, endpoint_url: str) -> dict:
+    """Build in a temp folder, then upload it: a reader of ``url`` never sees a half-built set."""
+    storage.configure(endpoint_url=endpoint_url)
+    storage.check_bucket(url)  # now, not after the build
+    with tempfile.TemporaryDirectory(prefix="segdist-build-") as tmp:
+        folder = Path(tmp) / "shards"
+        manifest = build_shards(src, folder, **options)
+        _upload(folder, url)
+    return manifest
+
+
+def _upload(folder: Path, url: str) -> None:
+    manifest = read_manifest(folder)
+    names = [s["name"] for split in manifest["splits"].values() for s in split.get("shards", [])]
+    t0 = time.perf_counter()
+    total = storage.upload(folder, names, url, MANIFEST)
+    seconds = time.perf_counter() - t0
+    print(f"uploaded {len(names)} shards + {MANIFEST} ({total / 2**20:.1f} MB) -> {url.rstrip('/')}/ in "
+          f"{seconds:.1f} s ({total / 2**20 / max(seconds, 1e-9):.1f} MB/s); {MANIFEST} last")
+
+
+def _cmd_upload(args) -> int:
+    if not storage.is_remote(args.url):
+        raise UserError(f"upload needs an s3://BUCKET/PREFIX/ URL, got '{args.url}'; to copy a folder use cp")
+    storage.configure(endpoint_url=args.endpoint_url)
+    _upload(Path(args.dir), args.url)
     return 0
 
 

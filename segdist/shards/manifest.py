@@ -1,8 +1,8 @@
-"""Read shard folders: ``manifest.json`` (local, ``file://`` or http(s)), shard URLs and sample counts.
+"""Read shard folders: ``manifest.json`` (local, ``file://``, http(s) or ``s3://``), shard URLs and sample counts.
 
 Training imports only this part of :mod:`segdist.shards`, so it imports the standard library and
-nothing else at module level (``braceexpand`` and ``webdataset`` load inside the functions that
-expand or count shard patterns).
+:mod:`segdist.storage` (itself standard library only until an ``s3://`` URL is used) at module
+level; ``braceexpand`` and ``webdataset`` load inside the functions that expand or count shard patterns.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import storage
 from ..errors import UserError
 from .classes import check_manifest_classes
 from .reader import ShardId, is_url, read_samples
@@ -46,9 +47,11 @@ def _folder_of(base) -> str | Path:
 def read_manifest(base) -> dict:
     """Load and check ``manifest.json`` of a shard folder, a manifest path or an http(s) URL prefix."""
     folder = _folder_of(base)
-    if isinstance(folder, str):
+    if isinstance(folder, str) and storage.is_remote(folder):
+        text = storage.read_manifest_text(folder, MANIFEST)
+    elif isinstance(folder, str):
         if not folder.startswith(("http://", "https://")):
-            raise UserError(f"unsupported shard URL {base}: use a local folder or an http(s):// URL")
+            raise UserError(f"unsupported shard URL {base}: use a local folder, an http(s):// or an s3:// URL")
         url = f"{folder}/{MANIFEST}"
         try:
             with urllib.request.urlopen(url, timeout=60) as r:
@@ -117,7 +120,9 @@ def expand_urls(spec: str) -> list[str]:
     urls: list[str] = []
     for part in spec.split("::"):
         for url in braceexpand.braceexpand(part):
-            if "://" not in url and not url.startswith("pipe:") and any(c in url for c in "*?["):
+            if storage.is_remote(url) and any(c in url for c in "*?["):
+                urls.extend(storage.glob(url))  # one listing of the prefix before the first wildcard
+            elif "://" not in url and not url.startswith("pipe:") and any(c in url for c in "*?["):
                 urls.extend(sorted(glob.glob(url)))
             else:
                 urls.append(url)

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from .. import storage
 from ..errors import UserError
 
 IMAGE_MEMBERS = ("image.jpg", "image.png")
@@ -74,13 +75,15 @@ def is_url(spec: str) -> bool:
 
 
 def open_shard(url: str, read_timeout: float = 60.0) -> BinaryIO:
-    """A binary stream of one tar: a local path or ``file://`` URL, ``http(s)://`` through urllib, or a
-    ``pipe:`` command through WebDataset's gopen.
+    """A binary stream of one tar: ``s3://`` through :mod:`segdist.storage`, a local path or ``file://`` URL,
+    ``http(s)://`` through urllib, or a ``pipe:`` command through WebDataset's gopen.
 
     webdataset's gopen runs ``curl --connect-timeout 30 --retry 30`` for http(s), with no limit
     on a transfer that stalls: a stalled server hung the reader forever. A socket timeout
     bounds every wait for data instead; transient statuses are retried as curl did.
     """
+    if storage.is_remote(url):
+        return storage.open_remote(url, read_timeout)  # retried, resumed, ETag-pinned (segdist.storage)
     if url.startswith("file://"):
         url = urllib.request.url2pathname(urllib.parse.urlparse(url).path)
     if url.startswith("pipe:"):
