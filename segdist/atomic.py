@@ -12,6 +12,7 @@ partial files removed.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import shutil
@@ -160,8 +161,6 @@ def repair_swap(final: str | os.PathLike) -> list[str]:
 
 def glob_escape(name: str) -> str:
     """``name`` with glob metacharacters escaped (a run or shard folder may be called ``a[1]``)."""
-    import glob
-
     return glob.escape(name)
 
 

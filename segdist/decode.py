@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 
 import cv2
@@ -121,9 +122,7 @@ def frame_count(data: bytes) -> int:
     silently read frame 1 alone); 1 for everything else, JPEGs unopened (their extra images are camera extras)."""
     if image_format(data) not in ("TIFF", "GIF", "PNG", "WebP"):
         return 1
-    import io
-
-    from PIL import Image  # here: only user files of these formats pay for it
+    from PIL import Image  # here: only predict's user files of these formats pay for PIL
 
     try:
         with Image.open(io.BytesIO(data)) as im:

@@ -9,6 +9,9 @@ state on a stop signal and exits with :data:`REQUEUE_EXIT` so a scheduler can re
 import contextlib
 import errno as _errno
 import re
+import resource
+import shutil
+from pathlib import Path
 
 REQUEUE_EXIT = 75
 """Exit status of a run paused by SIGUSR1/SIGTERM after saving its state (EX_TEMPFAIL: try again)."""
@@ -55,10 +58,6 @@ def disk_full_reason(e: BaseException | None) -> str | None:
 def limit_reason(folder) -> str | None:
     """For a write error that names no cause (torch's zip writer: "unexpected pos"): a full disk under
     ``folder`` (under 16 MiB free), or a file in it cut at the file size limit (``ulimit -f``); else None."""
-    import resource
-    import shutil
-    from pathlib import Path
-
     folder = Path(folder)
     try:
         if shutil.disk_usage(folder if folder.exists() else folder.parent).free < 16 << 20:

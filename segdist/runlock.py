@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import socket
@@ -24,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .distributed import agree
 from .errors import UserError
 
 LOCK_FILE = "run.lock"
@@ -127,8 +129,6 @@ class RunLock:
 
     def _lock(self, fd: int) -> bool:
         """Lock ``fd``; False (fd closed) when the file was removed meanwhile: the caller opens it again."""
-        import fcntl
-
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -173,8 +173,6 @@ class RunLock:
 def hold_run_folder(accelerator, run_dir: Path):
     """The job holds ``run_dir`` for the ``with`` block: its main process takes :class:`RunLock` (ranks agree
     on the outcome, so none goes on alone); yields the take-over note ("" for none), released on the way out."""
-    from .distributed import agree
-
     lock, error = RunLock(run_dir), None
     if accelerator.is_main_process:
         try:
