@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import socket
@@ -27,6 +26,11 @@ from pathlib import Path
 
 from .distributed import agree
 from .errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the pid check alone decides
+    fcntl = None
 
 LOCK_FILE = "run.lock"
 
@@ -130,7 +134,8 @@ class RunLock:
     def _lock(self, fd: int) -> bool:
         """Lock ``fd``; False (fd closed) when the file was removed meanwhile: the caller opens it again."""
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.EACCES, errno.EAGAIN):
                 os.close(fd)
