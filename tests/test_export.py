@@ -163,7 +163,7 @@ def test_model_card_documents_the_model_and_its_loading_snippets_work(ckpt, expo
     write_model_card(folder, meta, METRICS)
     card = (folder / "README.md").read_text()
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors", "segdist.json"]
-    for needle in ("runs/human-seg-shards", "0 = background, 1 = person", "binary", "squashed to 64x64",
+    for needle in ("runs/human-seg-shards", "0 = background, 1 = foreground", "binary", "squashed to 64x64",
                    "mean [0.485, 0.456, 0.406]", "`Unet`", "`tu-efficientnet_lite0`", "lr 0.001", "epochs: 10",
                    "IoU **0.8123**", "Dice **0.8964**", "| person | 0.8123 | 0.8964 |", "| background | 0.9500",
                    "smp.from_pretrained", f'segdist.load("{folder}")', 'p.predict("photo.jpg")',

@@ -31,15 +31,15 @@ def predict_paths(ckpt: str | Path, inputs, out: str | Path, device: str = "auto
     PNG when the model has colours), ``out/overlays/<name>.png`` and with ``probs``
     ``out/probs/...``, all at each image's original size. ``inputs``: a path or a list of files,
     folders, globs and shard folders. Unreadable inputs are skipped and counted with their reason.
-    ``classes`` (a ``--classes`` JSON list, or the class names of a ``--palette`` file) and shard folders
-    must name the model's classes: masks of one class table read as another are wrong without a sign."""
+    ``classes`` (a ``--classes`` JSON list) and shard folders must name the model's class table: masks of
+    one class table read as another are wrong without a sign."""
     if probs is not None:
         check_choice("--probs", probs, PROB_FORMATS)
     check_out_dir(out)  # before the model loads, not at the first mask
     predictor = Predictor.load(ckpt, device, mode, batch_size=batch_size, overlap=overlap, blend=blend, tta=tta,
                                threshold=threshold)
     meta = predictor.meta
-    check_class_list(meta.class_table, classes, palette)
+    check_class_list(meta.class_table, classes)
     pal = None if meta.binary else model_palette(meta, palette)
     total, jobs = find_inputs([inputs] if isinstance(inputs, (str, Path)) else inputs, split, meta.class_table)
     out = Path(out)

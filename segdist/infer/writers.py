@@ -24,14 +24,13 @@ def palette_table(colours, void=None) -> np.ndarray:
     return pal
 
 
-def check_class_list(model: ClassTable, classes: str | Path | None, palette: str | Path | None) -> None:
-    """``predict --classes FILE`` and the class names of ``--palette FILE`` (when it names them) must be the model's
-    classes, in its order: masks are written as the model's ids and coloured by the palette's."""
-    for flag, path, names in (("--classes", classes, read_class_names(classes) if classes else None),
-                              ("--palette", palette, read_palette(palette)[1] if palette else None)):
-        if names is not None:
-            same_classes(model, ClassTable(model.task, tuple(names), model.ignore_index), "the model",
-                         f"{flag} {path}", f"pass the list of the model's classes, or leave {flag} out")
+def check_class_list(model: ClassTable, classes: str | Path | None) -> None:
+    """``predict --classes FILE`` must name the model's classes, in its order: the masks are written as the
+    model's class ids, so a list of other classes means the user expects other masks than they will get."""
+    if classes:
+        names = tuple(read_class_names(classes))
+        same_classes(model, ClassTable(model.task, names, model.ignore_index), "the model", f"--classes {classes}",
+                     "pass the list of the model's classes, or leave --classes out")
 
 
 def model_palette(meta: ModelMeta, palette_file: str | Path | None = None) -> np.ndarray | None:
