@@ -139,7 +139,7 @@ class RunLock:
         except OSError as e:
             if e.errno in (errno.EACCES, errno.EAGAIN):
                 os.close(fd)
-                raise self._held(read_holder(self.path)) from None
+                raise self._held(self._holder_when_written()) from None
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 os.close(fd)
                 raise
@@ -151,6 +151,13 @@ class RunLock:
         if not same:
             os.close(fd)
         return same
+
+    def _holder_when_written(self, wait_s: float = 2.0) -> Holder | None:
+        """The holder of a lock just found taken: it writes its name right after taking it, so wait that long."""
+        deadline = time.monotonic() + wait_s
+        while (holder := read_holder(self.path)) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return holder
 
     def _held(self, holder: Holder | None) -> UserError:
         who = str(holder) if holder else "another process (its lock file is being written)"
@@ -178,12 +185,12 @@ class RunLock:
 def hold_run_folder(accelerator, run_dir: Path):
     """The job holds ``run_dir`` for the ``with`` block: its main process takes :class:`RunLock` (ranks agree
     on the outcome, so none goes on alone); yields the take-over note ("" for none), released on the way out."""
-    lock, error = RunLock(run_dir), None
+    lock, note, error = RunLock(run_dir), "", None
     if accelerator.is_main_process:
         try:
             note = lock.acquire()
         except UserError as e:
-            note, error = "", e
+            error = e
     (refused,) = agree(accelerator, error is not None)
     if error is not None:
         raise error
