@@ -43,8 +43,8 @@ def create_loss(cfg, out_ch, *weights):
     return Faulty()
 
 
-def setup(cfg, stop):
-    t = real_setup(cfg, stop)
+def setup(cfg, stop, *rest):
+    t = real_setup(cfg, stop, *rest)
     captured["t"] = t
     captured["init"] = {k: p.detach().clone() for k, p in t.accelerator.unwrap_model(t.model).named_parameters()}
     return t
