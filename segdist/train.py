@@ -1,9 +1,9 @@
 """The training loop: a plain PyTorch loop under Accelerate, like nanoGPT and Accelerate's examples.
 
-``run(cfg)`` reads top to bottom: :func:`setup` takes the run folder (its lock) and builds
-everything without writing, :func:`resume_or_start` finds where to begin (or refuses, leaving the
-folder as it was), :func:`open_run` writes the config, then ``for epoch:`` calls
-:func:`train_one_epoch` and :func:`evaluate_and_save`, logs, and saves a resumable state. Each helper returns what it
+``run(cfg)`` reads top to bottom: :func:`setup` takes the run folder (its lock) and builds everything
+without writing, :func:`resume_or_start` finds where to begin (or refuses, leaving the folder as it
+was), :func:`open_run` writes the config, then ``for epoch:`` calls :func:`train_one_epoch` and
+:func:`evaluate_and_save`, logs, and saves a resumable state. Each helper returns what it
 changed (a new :class:`Loop`); nothing is mutated behind the caller's back.
 """
 
@@ -36,6 +36,7 @@ from .losses import check_loss_config, class_weights, create_loss
 from .models import check_model_config, create_model
 from .optim import EMA, check_optim_config, create_optimizer, create_scheduler
 from .shards import ShardSet, open_shards
+from .shards.classes import out_channels_for
 from .shards.fingerprint import check_disjoint, class_table, fingerprint, summary
 from .resume import Loop, resume_or_start, scored_at
 from .runlock import hold_run_folder
@@ -319,19 +320,6 @@ def train_stream(t: Trainer, loop: Loop) -> ShardStream:
                   f"{acc.num_processes} process(es), {stream.num_batches(loop.epoch)} batches each"
                   + (f"; {stream.dropped} did not fit evenly and are skipped" if stream.dropped else ""))
     return stream
-
-
-def out_channels_for(cfg: Config, shards) -> int:
-    """1 for binary (sigmoid), K for K classes; model.num_classes may restate it (1 or 2 for binary)."""
-    if shards.task is None:
-        raise UserError(f"data.shards '{shards.spec}' names shard files without a manifest.json beside them, so "
-                        f"the task and classes are unknown; point data.shards at the shard folder instead")
-    want = 1 if shards.task == "binary" else shards.num_classes
-    got = cfg.model.num_classes or want
-    if got != want and not (shards.task == "binary" and got == 2):
-        raise UserError(f"config key 'model.num_classes' is {got} but the shards hold a {shards.task} task with "
-                        f"{shards.num_classes} classes; use model.num_classes=0 (take it from the manifest)")
-    return got
 
 
 def set_train_mode(model, freeze_bn: bool) -> None:

@@ -77,6 +77,21 @@ def same_classes(model: ClassTable, data: ClassTable, what_model: str, what_data
                         f"{fix}")
 
 
+def out_channels_for(cfg, shards) -> int:
+    """The model's logits per pixel for ``shards`` (a :class:`~segdist.shards.manifest.ShardSet`): 1 for binary
+    (sigmoid), K for K classes; ``cfg.model.num_classes`` may restate it (1 or 2 for binary). Another count (a
+    binary model on multi-class masks, or the reverse) is a UserError."""
+    if shards.task is None:
+        raise UserError(f"data.shards '{shards.spec}' names shard files without a manifest.json beside them, so "
+                        f"the task and classes are unknown; point data.shards at the shard folder instead")
+    want = 1 if shards.task == "binary" else shards.num_classes
+    got = cfg.model.num_classes or want
+    if got != want and not (shards.task == "binary" and got == 2):
+        raise UserError(f"config key 'model.num_classes' is {got} but the shards hold a {shards.task} task with "
+                        f"{shards.num_classes} classes; use model.num_classes=0 (take it from the manifest)")
+    return got
+
+
 def check_manifest_classes(manifest: dict, base) -> None:
     """A manifest's class statements must agree with each other: task, ``num_classes``, ``class_names``, each
     split's ``class_pixels`` and the palette. A hand-edited one is a UserError naming the contradiction."""
