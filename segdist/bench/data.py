@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from ..augment import DeviceAugment
+from ..config import AugmentConfig
 from ..decode import decode_image, decode_mask
 from ..loader import Loader
 from ..shards import image_bytes, mask_bytes, open_shards, read_samples
@@ -87,9 +89,6 @@ def decode_limit(urls: list[str], size: int, workers: int, min_seconds: float, r
 # ----------------------------------------------------------------------------- augmentation
 def augment_ms_per_batch(batch: int, size: int, device: torch.device, iters: int = 0) -> float:
     """Mean ms of ``DeviceAugment(AugmentConfig(), train=True)`` on a (B, 3, S, S) uint8 batch."""
-    from ..augment import DeviceAugment
-    from ..config import AugmentConfig
-
     iters = iters or (50 if device.type == "cuda" else 5)
     gen = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=gen).to(device)

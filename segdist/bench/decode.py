@@ -36,7 +36,7 @@ def _pil_draft(data: bytes, size: int) -> np.ndarray:
 
 
 def _torchvision(data: bytes, size: int) -> np.ndarray:
-    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg  # lazy, as each decoder here
 
     img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     return resize_to(img.permute(1, 2, 0).numpy(), (size, size))

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from .. import storage
+from ..storage import s3
 from ..errors import UserError
 from ..shards import MANIFEST, open_shards, read_samples
 from .common import MB, BenchArgs, build_bench_shards, check_args, cpu_model, source_csv
@@ -50,8 +51,6 @@ def _read_share(task: tuple) -> tuple[int, float]:
 
 
 def _raw_get(url: str) -> int:
-    from ..storage import s3
-
     loc = s3.parse(url)
     body = s3.client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
     n = 0

@@ -18,7 +18,10 @@ ends up in the manifest. The modules, in the order data flows through them:
 * :mod:`.discover` -- find image/mask pairs, give them keys and splits;
 * :mod:`.labels` -- class names, palettes, the task and the raw -> stored mask value map;
 * :mod:`.sample` -- per-sample decode/check/repair/encode in worker processes;
-* :mod:`.build` -- the parallel build, tar writing and the manifest;
+* :mod:`.build` -- the build: options, the parallel pass over the samples, the manifest;
+  :mod:`.writer` -- the output's lock and checks, the tar writer; :mod:`.workers` -- the process
+  pool and progress bar (shared with verify);
+* :mod:`.classes` and :mod:`.fingerprint` -- a shard set's class table and its identity;
 * :mod:`.verify` and :mod:`.cli` at the edges.
 
 ``manifest``, ``reader`` and ``discover`` (stdlib only) load with the package; the names of the other
@@ -38,7 +41,8 @@ from .reader import IGNORE_INDEX, IMAGE_MEMBERS, MASK_MEMBER, ShardId, image_byt
 _LAZY = {
     "labels": ("Labels", "decide_labels", "read_class_names", "read_palette"),
     "sample": ("Options", "Result", "apply_orientation", "process_pair", "scan_mask"),
-    "build": ("BuildOptions", "build_shards", "default_workers"),
+    "build": ("BuildOptions", "build_shards"),
+    "workers": ("default_workers",),
     "verify": ("summarize", "verify_shards"),
     "cli": ("add_cli",),
 }

@@ -10,30 +10,30 @@ The output appears atomically: it is written to ``.<out>.tmp-*`` and renamed at 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
+import importlib
 import importlib.metadata
 import json
-import multiprocessing
 import os
-import sys
-import time
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import cv2
 import numpy as np
+from PIL import Image
 
-from .reader import IGNORE_INDEX
-from ..atomic import atomic_dir, check_out_dir, repair_swap, sha256_file, shared_mode_dir
+from ..atomic import atomic_dir, check_out_dir, shared_mode_dir
 from ..errors import UserError
-from .discover import Discovery, Pair, _display, _split_rank, assign_splits, discover
-from .labels import Labels, _label_files, decide_labels
+from .discover import Discovery, Pair, assign_splits, discover, display_path, split_rank
+from .labels import Labels, decide_labels, label_files
 from .manifest import FORMAT, MANIFEST, VERSION
+from .reader import IGNORE_INDEX
 from .sample import Options, Result, process_pair, scan_mask
+from .workers import default_workers, parallel_map, progress_bar
+from .writer import ShardSink, build_lock, check_out, remove_stale
 
 # ============================================================================= options
 UNKNOWN_VALUES = ("error", "ignore", "skip")
@@ -99,7 +99,7 @@ class BuildOptions:
         return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in values.items()}
 
 
-# ============================================================================= parallel map
+# ============================================================================= the manifest's version
 def segdist_version() -> str:
     """The installed segdist's version (pyproject.toml), recorded in each manifest."""
     try:
@@ -108,94 +108,7 @@ def segdist_version() -> str:
         return "unknown"
 
 
-def default_workers() -> int:
-    try:
-        return max(len(os.sched_getaffinity(0)), 1)
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(os.cpu_count() or 1, 1)
-
-
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one sample per process at a time; OpenCV's own pool would oversubscribe
-
-
-@contextlib.contextmanager
-def _mapper(workers: int, n_items: int):
-    """Yield ``map(f, items)``: in-process for 1 worker, else an ordered process pool.
-
-    forkserver, not fork: workers start from a clean process, so they inherit neither the
-    build lock's file descriptor nor threads of a caller that already imported torch.
-    """
-    if workers <= 1 or n_items <= 1:
-        yield map
-        return
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["segdist.shards.sample", "segdist.shards.verify"])
-    chunk = max(1, min(8, n_items // (workers * 8)))
-    with ctx.Pool(min(workers, n_items), initializer=_init_worker) as pool:
-        yield lambda f, items: pool.imap(f, items, chunksize=chunk)
-
-
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True,
-                disable=None if enabled else True, leave=False)
-
-
 # ============================================================================= writing
-class _ShardSink:
-    """Writes one split through ``webdataset.ShardWriter``; records name/samples/bytes/sha256 per shard."""
-
-    def __init__(self, folder: Path, split: str, maxcount: int, maxsize: float):
-        import webdataset as wds
-
-        self.folder = folder
-        self.records: list[dict] = []
-        self._files: dict[str, object] = {}
-        self._counts: Counter = Counter()
-        # encoder=False: values are already encoded bytes; mtime=0 makes rebuilds byte-identical.
-        # A bare-name pattern + opener: a '%' in the output path cannot break `pattern % index`, and
-        # webdataset's URL handling (gopen, WDS_SECURE) stays out of local writes.
-        self._writer = wds.ShardWriter(f"{split}-%06d.tar", maxcount=maxcount, maxsize=maxsize,
-                                       post=self._finished, opener=self._open, verbose=0,
-                                       encoder=False, mtime=0)
-
-    def _open(self, name: str):
-        f = open(self.folder / name, "wb")  # noqa: SIM115 - closed in _finished
-        self._files[name] = f
-        return f
-
-    def _finished(self, name: str) -> None:
-        f = self._files.pop(name)
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        path = self.folder / name
-        self.records.append({"name": name, "samples": self._counts[name], "bytes": path.stat().st_size,
-                             "sha256": sha256_file(path)})
-
-    def write(self, key: str, image: bytes, image_ext: str, mask: bytes) -> str:
-        self._writer.write({"__key__": key, f"image.{image_ext}": image, "mask.png": mask})
-        name = self._writer.fname
-        self._counts[name] += 1
-        return name
-
-    def close(self) -> list[dict]:
-        self._writer.close()
-        return self.records
-
-    def abort(self) -> None:
-        """Close everything (the temp folder is about to be removed). The tar is ended, not just its
-        file closed: otherwise tarfile's finaliser later writes into the closed file and prints
-        ``Exception ignored ... write to closed file`` after the user's one-line error."""
-        with contextlib.suppress(Exception):  # already failing; the folder goes anyway
-            self._writer.close()
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
-
-
 class _Stats:
     """Per-split sample/pixel counts and image sizes, accumulated as results arrive."""
 
@@ -219,89 +132,9 @@ class _Stats:
 
 
 # ============================================================================= build
-_LOCK_WAIT_S = 15.0
-
-
-@contextlib.contextmanager
-def _build_lock(out: Path):
-    """Hold ``.<out>.lock`` beside ``out``: one build per output at a time (released even on kill -9).
-
-    The file is removed on exit; a waiter that locked the removed file notices (inode changed) and
-    retries, so two builds never both hold "the" lock.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no lock, builds must not overlap
-        yield
-        return
-    lock_path = out.parent / f".{out.name}.lock"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + _LOCK_WAIT_S
-    while True:
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise UserError(f"--out {out}: cannot create its lock file {lock_path} ({e.strerror}); "
-                            f"pass a folder you can write to") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if _same_file(fd, lock_path):
-                break
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                os.close(fd)
-                raise UserError(f"another 'segdist shards build' is writing {out} (lock {lock_path}); "
-                                "wait for it to finish")
-        os.close(fd)
-        time.sleep(0.1)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock_path)
-        os.close(fd)
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        return os.fstat(fd).st_ino == os.stat(path).st_ino
-    except FileNotFoundError:
-        return False
-
-
-def _remove_stale(out: Path) -> list[str]:
-    """Finish or undo what a killed build left beside ``out`` (caller holds the lock): an old copy moved aside
-    with no ``out`` is put back, never deleted before a new one is in place (:func:`repair_swap`)."""
-    notes = repair_swap(out)
-    for note in notes:
-        print(f"segdist: {note}", file=sys.stderr)
-    return notes
-
-
-def _check_out(out: Path, discovery: Discovery, force: bool) -> None:
-    sources = [discovery.root] + [Path(v) for k, v in discovery.extra.items() if k in ("images", "masks", "manifest")]
-    resolved = out.resolve()
-    for s in sources:
-        s = s.resolve()
-        if s == resolved or resolved in s.parents:
-            raise UserError(f"--out {out} would replace the source data at {s}; choose another output folder")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not _is_shard_folder(out) and not force:
-        raise UserError(f"--out {out} is a non-empty folder that is not a shard folder; "
-                        "pass --force to replace it, or choose another path")
-
-
-def _is_shard_folder(folder: Path) -> bool:
-    try:
-        return json.loads((folder / MANIFEST).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def _scan_values(pmap, pairs: list[Pair], opts: Options, progress: bool, root: Path) -> list[dict[int, int]]:
     """Each readable mask's raw values -> pixel counts (unreadable masks are skipped later, not here)."""
-    found = list(_progress(pmap(functools.partial(scan_mask, opts=opts), pairs), len(pairs), "scan masks", progress))
+    found = list(progress_bar(pmap(functools.partial(scan_mask, opts=opts), pairs), len(pairs), "scan masks", progress))
     found = [None if counts is None else dict(counts) for counts in found]
     _refuse_mixed_binary(pairs, found, opts.void, root)
     return [values for values in found if values is not None]
@@ -324,18 +157,15 @@ def _refuse_mixed_binary(pairs: list[Pair], found: list, void: int | None, root:
 def _import_in_background(module: str) -> None:
     """Start importing ``module`` in a thread. ``webdataset`` imports torch (~1.5 s): with worker
     processes busy decoding, the otherwise idle parent pays it meanwhile. A later ``import`` waits for it."""
-    import importlib
-    import threading
-
     threading.Thread(target=importlib.import_module, args=(module,), daemon=True).start()
 
 
 def _unknown_error(result: Result, labels: Labels, root: Path) -> UserError:
     shown = ", ".join(map(str, result.values[:12])) + (" ..." if len(result.values) > 12 else "")
-    return UserError(f"mask {_display(Path(result.path), root)} has values {shown} outside the {labels.num_classes} "
-                     f"declared classes (0..{labels.num_classes - 1}, 255 = void). Fix: pass --classes with every "
-                     "class name, --void V for a void value, or --unknown-values ignore (store them as 255) "
-                     "or skip (drop such samples)")
+    return UserError(f"mask {display_path(Path(result.path), root)} has values {shown} outside the "
+                     f"{labels.num_classes} declared classes (0..{labels.num_classes - 1}, 255 = void). Fix: pass "
+                     "--classes with every class name, --void V for a void value, or --unknown-values ignore "
+                     "(store them as 255) or skip (drop such samples)")
 
 
 def build_shards(src=None, out=None, *, progress: bool = True, **options) -> dict:
@@ -350,14 +180,14 @@ def build_shards(src=None, out=None, *, progress: bool = True, **options) -> dic
     o = BuildOptions(**options)
     out = Path(out)
     check_out_dir(out)  # a file in the way or no write access: one message now, not an OSError later
-    early = _remove_stale(out)  # now, not only under the lock: a build that fails early still gives the old shards back
+    early = remove_stale(out)  # now, not only under the lock: a build that fails early still gives the old shards back
     workers = default_workers() if not o.workers or o.workers < 1 else o.workers
-    names, palette_table, palette_names = _label_files(o.classes, o.palette)
+    names, palette_table, palette_names = label_files(o.classes, o.palette)
     n_colours = len([1 for _, i in palette_table if i != IGNORE_INDEX])
 
     found = discover(src, images=o.images, masks=o.masks, mask_pattern=o.mask_pattern, image_col=o.image_col,
                      mask_col=o.mask_col, split_col=o.split_col)
-    _check_out(out, found, o.force)
+    check_out(out, found, o.force)
     if o.on_error == "fail" and found.skipped:
         first = found.skipped[0]
         raise UserError(f"{first['path']}: {first['reason']} (--on-error fail stops at the first problem)")
@@ -370,8 +200,8 @@ def build_shards(src=None, out=None, *, progress: bool = True, **options) -> dic
                    aspect_tolerance=o.aspect_tolerance)
     if workers > 1:
         _import_in_background("webdataset")
-    with _build_lock(out), _mapper(workers, len(pairs)) as pmap:
-        stale = early + _remove_stale(out)
+    with build_lock(out), parallel_map(workers, len(pairs)) as pmap:
+        stale = early + remove_stale(out)
         needs_scan = names is None and not palette_table and o.mask_threshold is None
         values = _scan_values(pmap, pairs, opts, progress, found.root) if needs_scan else None
         labels = decide_labels(names, palette_names, n_colours, values, o.void, o.mask_threshold)
@@ -392,20 +222,20 @@ def build_shards(src=None, out=None, *, progress: bool = True, **options) -> dic
 def _write_shards(tmp: Path, pmap, pairs: list[Pair], opts: Options, labels: Labels, found: Discovery,
                   samples_per_shard: int, shard_size_mb: float | None, on_error: str, progress: bool) -> dict:
     """Process ``pairs`` in workers and write them, split by split in key order; return manifest parts."""
-    ordered = sorted(pairs, key=lambda p: (_split_rank(p.split), p.key))
+    ordered = sorted(pairs, key=lambda p: (split_rank(p.split), p.key))
     by_key = {p.key: p for p in pairs}
     maxsize = shard_size_mb * 1e6 if shard_size_mb else 3e9
     stats, skipped, sources = _Stats(), list(found.skipped), {}
     splits: dict[str, dict] = {}
-    sink: _ShardSink | None = None
+    sink: ShardSink | None = None
     current = None
     results = pmap(functools.partial(process_pair, opts=opts), ordered)
     try:
-        for result in _progress(results, len(ordered), "build shards", progress):
+        for result in progress_bar(results, len(ordered), "build shards", progress):
             if result.status == "unknown":
                 raise _unknown_error(result, labels, found.root)
             if result.status == "skip":
-                shown = _display(Path(result.path), found.root) if result.path else by_key[result.key].src_image
+                shown = display_path(Path(result.path), found.root) if result.path else by_key[result.key].src_image
                 entry = {"path": shown, "reason": result.reason}
                 if on_error == "fail":
                     raise UserError(f"{entry['path']}: {entry['reason']} (--on-error fail stops at the first problem)")
@@ -414,7 +244,7 @@ def _write_shards(tmp: Path, pmap, pairs: list[Pair], opts: Options, labels: Lab
             if result.split != current:
                 if sink is not None:
                     splits[current]["shards"] = sink.close()
-                current, sink = result.split, _ShardSink(tmp, result.split, samples_per_shard, maxsize)
+                current, sink = result.split, ShardSink(tmp, result.split, samples_per_shard, maxsize)
                 splits[current] = {"samples": 0}
             shard = sink.write(result.key, result.image, result.image_ext, result.mask)
             splits[current]["samples"] += 1
@@ -488,8 +318,6 @@ def class_colours(pairs: list[Pair], labels: Labels, table: tuple[tuple[int, int
         packed = {to_class.get(raw): colour for colour, raw in table}
         by_class = {c: [(v >> 16) & 255, (v >> 8) & 255, v & 255] for c, v in packed.items()}
     else:
-        from PIL import Image
-
         try:
             with Image.open(pairs[0].mask) as im:
                 pal = im.getpalette() if im.mode == "P" else None

@@ -59,7 +59,7 @@ def _is_stray(name: str) -> bool:
     return name.startswith(".") or name.lower() in STRAY_NAMES
 
 
-def _display(path: Path, root: Path) -> str:
+def display_path(path: Path, root: Path) -> str:
     try:
         return path.relative_to(root).as_posix()
     except ValueError:
@@ -76,14 +76,14 @@ def _walk_files(folder: Path, root: Path, ignored: list[dict]) -> dict[str, Path
         here = Path(dirpath)
         for d in sorted(dirnames):
             if _is_stray(d):
-                ignored.append({"path": _display(here / d, root) + "/", "reason": "hidden or OS metadata folder"})
+                ignored.append({"path": display_path(here / d, root) + "/", "reason": "hidden or OS metadata folder"})
         dirnames[:] = sorted(d for d in dirnames if not _is_stray(d))
         for name in sorted(filenames):
             path = here / name
             if _is_stray(name):
-                ignored.append({"path": _display(path, root), "reason": "stray file (hidden or OS metadata)"})
+                ignored.append({"path": display_path(path, root), "reason": "stray file (hidden or OS metadata)"})
             elif path.suffix.lower() not in IMAGE_EXTS:
-                ignored.append({"path": _display(path, root),
+                ignored.append({"path": display_path(path, root),
                                 "reason": f"not an image file (extension '{path.suffix or 'none'}')"})
             else:
                 found[path.relative_to(folder).as_posix()] = path
@@ -138,11 +138,11 @@ def _match_by_pattern(image_files: dict[str, Path], mask_files: dict[str, Path],
         if expected[rel] in mask_files:
             matched.append((rel.rsplit(".", 1)[0], rel, expected[rel]))
         else:
-            wanted = _display(masks / expected[rel], root)
-            skipped.append({"path": _display(path, root), "reason": f"no mask (expected {wanted})"})
+            wanted = display_path(masks / expected[rel], root)
+            skipped.append({"path": display_path(path, root), "reason": f"no mask (expected {wanted})"})
     used = {m for _, _, m in matched}
     own_folder = mask_files is image_files  # there, only pattern-named files are masks at all
-    skipped += [{"path": _display(mask_files[m], root), "reason": "mask without image"}
+    skipped += [{"path": display_path(mask_files[m], root), "reason": "mask without image"}
                 for m in mask_files if m not in used and (not own_folder or m in mask_names)]
     return matched, skipped
 
@@ -157,17 +157,17 @@ def _match_by_stem(image_files: dict[str, Path], mask_files: dict[str, Path], pa
         used.update(candidates)
         if len(rels) > 1:
             reason = f"several images share the name {stem}.* ({', '.join(rels)})"
-            skipped += [{"path": _display(image_files[rel], root), "reason": reason} for rel in rels]
+            skipped += [{"path": display_path(image_files[rel], root), "reason": reason} for rel in rels]
         elif not candidates:
-            wanted = _display(masks / stem, root)
-            skipped.append({"path": _display(image_files[rels[0]], root),
+            wanted = display_path(masks / stem, root)
+            skipped.append({"path": display_path(image_files[rels[0]], root),
                             "reason": f"no mask (expected {wanted}.png or another image extension)"})
         elif len(candidates) > 1:
-            skipped.append({"path": _display(image_files[rels[0]], root),
+            skipped.append({"path": display_path(image_files[rels[0]], root),
                             "reason": f"several masks match: {', '.join(candidates)}"})
         else:
             matched.append((stem, rels[0], candidates[0]))
-    skipped += [{"path": _display(mask_files[m], root), "reason": "mask without image"}
+    skipped += [{"path": display_path(mask_files[m], root), "reason": "mask without image"}
                 for m in mask_files if m not in used]
     return matched, skipped
 
@@ -299,7 +299,7 @@ def _discover_manifest(path: Path, image_col: str | None, mask_col: str | None,
         if image in listed:
             problem = f"listed twice ({path.name} rows {listed[image][0]} and {n})"
         if problem:
-            shown = _display(image, root) if image else f"{path.name}:{n}"
+            shown = display_path(image, root) if image else f"{path.name}:{n}"
             skipped.append({"path": shown, "reason": f"{problem} ({where})"})
         else:
             listed[image] = (n, mask, split)
@@ -324,7 +324,7 @@ def _resolve_row(image_cell, mask_cell, root: Path) -> tuple[Path | None, Path |
         return image, None, "no mask listed"
     mask = Path(os.path.normpath(root / mask_cell))
     if not mask.is_file():
-        return image, mask, f"mask file not found: {_display(mask, root)}"
+        return image, mask, f"mask file not found: {display_path(mask, root)}"
     return image, mask, ""
 
 
@@ -339,7 +339,7 @@ def _unlisted_files(manifest: Path, root: Path, listed: set[Path]) -> list[dict]
                 continue
             reason = ("stray file (hidden or OS metadata)" if _is_stray(child.name)
                       else f"not listed in {manifest.name}")
-            ignored.append({"path": _display(child, root), "reason": reason})
+            ignored.append({"path": display_path(child, root), "reason": reason})
     return ignored
 
 
@@ -373,7 +373,7 @@ def _pairs_from_raw(raw: list[tuple[str, Path, Path, str | None]], root: Path) -
             key = f"{candidate}_{n}"
             n += 1
         used.add(key)
-        pairs.append(Pair(key, str(image), str(mask), split, _display(image, root), _display(mask, root)))
+        pairs.append(Pair(key, str(image), str(mask), split, display_path(image, root), display_path(mask, root)))
     return pairs
 
 
@@ -438,5 +438,5 @@ def assign_splits(pairs: list[Pair], val_fraction: float, seed: int) -> tuple[li
     return out, {"method": "hash", "val_fraction": val_fraction, "seed": seed}
 
 
-def _split_rank(split: str) -> tuple[int, str]:
+def split_rank(split: str) -> tuple[int, str]:
     return (SPLIT_ORDER.index(split) if split in SPLIT_ORDER else len(SPLIT_ORDER), split)

@@ -65,7 +65,7 @@ def _read_json(path, flag: str):
         raise UserError(f"{flag} {path}: not valid JSON ({e.msg} at line {e.lineno})")
 
 
-def _label_files(classes, palette) -> tuple[list[str] | None, tuple, list[str] | None]:
+def label_files(classes, palette) -> tuple[list[str] | None, tuple, list[str] | None]:
     """(class names, palette table, palette class names) from the --classes / --palette files."""
     names = read_class_names(classes) if classes else None
     table, palette_names = read_palette(palette) if palette else ((), None)
@@ -170,7 +170,7 @@ def check_inferred(scanned: list[dict[int, int]], k: int) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _lookup(value_map: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, np.ndarray]:
+def value_lookup(value_map: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, np.ndarray]:
     """(stored value per raw 16-bit value, known flag per raw value); unknown values store 255."""
     lut = np.full(65536, IGNORE_INDEX, np.uint8)
     known = np.zeros(65536, bool)

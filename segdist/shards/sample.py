@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .reader import IGNORE_INDEX
 from .discover import Pair
-from .labels import _lookup
+from .labels import value_lookup
 
 _IMAGE_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
                           "I;16", "I;16L", "I;16B", "I;16N", "I"})
@@ -272,7 +272,7 @@ def _to_index(raw: np.ndarray, opts: Options) -> tuple[np.ndarray, tuple[int, ..
     """Map raw values to stored ``(H, W) uint8`` values; also return the unknown raw values found."""
     if opts.threshold is not None:  # already 0/1/255
         return raw.astype(np.uint8), ()
-    lut, known = _lookup(opts.value_map)
+    lut, known = value_lookup(opts.value_map)
     unknown = tuple(int(v) for v in _present_values(raw) if not known[v])
     return lut[raw], unknown
 

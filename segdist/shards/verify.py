@@ -16,7 +16,7 @@ from PIL import Image
 
 from .reader import IGNORE_INDEX
 from ..errors import UserError
-from .build import _mapper, _progress, default_workers
+from .workers import default_workers, parallel_map, progress_bar
 from .manifest import MANIFEST, local_path, read_manifest
 from .reader import IMAGE_MEMBERS, MASK_MEMBER, is_url, tar_samples
 
@@ -97,8 +97,8 @@ def verify_shards(folder, workers: int | None = None, progress: bool = True) -> 
     seen: dict[str, str] = {}
     hist_by_split: dict[str, np.ndarray] = {}
     sources = manifest.get("sources", {})
-    with _mapper(workers, len(tasks)) as pmap:
-        for task, (found, keys, hist) in zip(tasks, _progress(pmap(_verify_shard, tasks), len(tasks),
+    with parallel_map(workers, len(tasks)) as pmap:
+        for task, (found, keys, hist) in zip(tasks, progress_bar(pmap(_verify_shard, tasks), len(tasks),
                                                               "verify shards", progress)):
             name, split = task[1]["name"], task[2]
             problems += found

@@ -22,6 +22,7 @@ from typing import BinaryIO
 
 from ..errors import UserError
 from . import objects, s3, stats
+from .cache import ShardCache
 from .s3 import Changed, NoBucket, NotFound, RemoteError, check_bucket, glob, list_objects
 from .settings import Settings, configure, configure_from, current
 
@@ -45,8 +46,6 @@ def open_remote(url: str, read_timeout: float = 60.0) -> BinaryIO:
     """
     s = current()
     if s.cache_dir:
-        from .cache import ShardCache
-
         return ShardCache(s.cache_dir, s.cache_limit).open(url, read_timeout)
     return objects.open_object(url, read_timeout)
 

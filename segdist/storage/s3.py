@@ -99,7 +99,7 @@ def client(read_timeout: float = 60.0):
 
 
 def _make_client(endpoint_url: str, read_timeout: float) -> tuple:
-    try:
+    try:  # lazy, as every boto3/botocore import here: boto3 is the `s3` extra, needed for s3:// URLs only
         import boto3
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError
@@ -146,7 +146,7 @@ EXPIRED_CODES = {"ExpiredToken", "ExpiredTokenException", "RequestExpired", "Tok
 @functools.cache
 def failures() -> tuple[type, ...]:
     """Exceptions a request or body read may raise that are about the store or the network (not bugs)."""
-    import urllib3.exceptions
+    import urllib3.exceptions  # lazy: see _make_client
     from botocore.exceptions import BotoCoreError, ClientError
 
     return BotoCoreError, ClientError, OSError, urllib3.exceptions.HTTPError, ShortBody
@@ -167,7 +167,7 @@ def first_line(e: BaseException) -> str:
 
 def transient(e: BaseException, read_timeout: float) -> str | None:
     """A short cause when ``e`` is worth another try (throttled, 5xx, network, cut or stalled body), else None."""
-    import urllib3.exceptions
+    import urllib3.exceptions  # lazy: see _make_client
     from botocore import exceptions as bx
 
     if isinstance(e, bx.ClientError):
@@ -191,7 +191,7 @@ def transient(e: BaseException, read_timeout: float) -> str | None:
 
 def fatal(e: BaseException, url: str, c, offset: int | None = None) -> RemoteError:
     """``e`` (not transient) as a one-line error naming ``url`` and what to do."""
-    from botocore import exceptions as bx
+    from botocore import exceptions as bx  # lazy: see _make_client
 
     at = endpoint(c)
     if isinstance(e, (bx.NoCredentialsError, bx.PartialCredentialsError)):
@@ -340,7 +340,7 @@ def put_file(path: Path, url: str) -> None:
     if Path(path).stat().st_size <= SINGLE_PUT_MAX:
         request("uploading to", url, put)
     else:
-        from boto3.exceptions import S3UploadFailedError
+        from boto3.exceptions import S3UploadFailedError  # lazy: see _make_client
 
         try:
             request("uploading to", url, lambda c: c.upload_file(str(path), loc.bucket, loc.key))
