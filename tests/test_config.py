@@ -170,3 +170,25 @@ def test_saved_configs_of_other_versions_load_leniently():
     data["optim"]["lr"] = -1.0  # a known key with a bad value is still refused
     with pytest.raises(UserError, match="'optim.lr' must be in"):
         config_from_dict(data, strict=False)
+
+
+def test_model_compile_of_earlier_versions_is_read_as_train_compile(capsys):
+    """model.compile (a bool until 2026-12) became train.compile (a mode): saved runs, whose configs all
+    hold model.compile: false, load silently; a config that turned it on compiles in the default mode."""
+    old = load_config(None, []).to_dict()
+    del old["train"]["compile"]
+    old["model"]["compile"] = False
+    assert config_from_dict(old).train.compile == "none" and capsys.readouterr().err == ""
+    old["model"]["compile"] = True
+    assert config_from_dict(old).train.compile == "default"
+    assert "model.compile' is now 'train.compile'" in capsys.readouterr().err
+    assert load_config(None, ["train.compile=true"]).train.compile == "default"
+    with pytest.raises(UserError, match="'train.compile' must be one of none, default, max-autotune, reduce-overhead"):
+        load_config(None, ["train.compile=fast"])
+
+
+def test_channels_last_is_auto_true_or_false():
+    assert load_config(None, []).model.channels_last == "auto"
+    assert load_config(None, ["model.channels_last=false"]).model.channels_last is False
+    with pytest.raises(UserError, match="'model.channels_last' must be auto, true or false"):
+        load_config(None, ["model.channels_last=sometimes"])

@@ -110,6 +110,7 @@ def tiny_run_cfg(shards, out, *extra):
                               "train.log_every=2", *extra])
 
 
+@pytest.mark.slow
 def test_steady_state_steps_read_nothing_back_from_the_device(shards, tmp_path, monkeypatch, fresh_accelerate):
     """8 micro-batches of 2, accumulate 2: 4 optimiser steps (with clipping, EMA, the skip decision),
     read at steps 2 and 4 (log_every 2, the epoch end). Between the reads segdist asks for no tensor
