@@ -175,7 +175,7 @@ def grads_after(forward_loss, model, batches) -> tuple[list[float], list[torch.T
     for x, y in batches:
         loss = forward_loss(x, y)
         (loss / len(batches)).backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses, [p.grad.clone() for p in model.parameters()]
 
 
