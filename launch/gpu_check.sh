@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmark rows behind docs/benchmarks.md ("GPU"), in one script for a machine with
 # one CUDA GPU and the reference dataset in ../shared/datasets (or $SEGDIST_DATA):
-#   1. the CUDA tests (nvJPEG under queued work, Kornia on the GPU, `bench train --device cuda`);
-#   2. `segdist bench train --device cuda` rows: float32; bf16 + channels_last; + nvJPEG decode;
+#   1. the CUDA tests (nvJPEG under queued work, Kornia on the GPU, the prefetch thread, the steady-state
+#      training step under torch.cuda.set_sync_debug_mode("error"), `bench train --device cuda`);
+#   2. the sweep of `segdist train`'s own loop (`segdist bench train --sweep`, default recipe, bf16 +
+#      channels_last by default on CUDA): eager at batch 16..256, then torch.compile at 64 and 256
+#      (one compile per batch size, reported apart); no course loop, so the two sweeps take < 8 minutes;
 #   3. `segdist bench data` (course loader vs stream vs decode limit; Kornia augment ms/batch on the GPU);
 #   4. the human-seg recipe (configs/human_seg.yaml) on the course's split under bf16, channels_last
-#      and nvJPEG decode, seeds 1..$SEEDS;
-#   5. the bf16 + channels_last + torch.compile bench row (last: compiling takes a minute).
+#      and nvJPEG decode, seeds 1..$SEEDS.
 # Usage: bash launch/gpu_check.sh OUT_DIR [SECONDS]. Each step has a time limit, the whole script a budget
 # (default: none); a failing step is logged and the script goes on. OUT_DIR gets log.txt (every step's
 # output), results.jsonl (one line per bench: {"label", "rc", "result"}) and hs-sN.jsonl (per-epoch metrics).
@@ -55,12 +57,12 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__ver
       'smp', smp.__version__, 'accelerate', accelerate.__version__, 'webdataset', w.__version__)"
   nproc; date -u; } 2>&1 | tee -a "$log"
 
-step 200 cuda-tests "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py "tests/test_augment.py" -k cuda
+step 200 cuda-tests "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_augment.py \
+    tests/test_step.py -k "cuda"
 
-common=(--source "$data/human-segmentation" --device cuda --workers "$workers" --steps 60 --warmup 5)
-bench 120 train-fp32 train "${common[@]}"
-bench 120 train-bf16-cl train "${common[@]}" --precision bf16 --channels-last
-bench 120 train-bf16-cl-nvjpeg train "${common[@]}" --precision bf16 --channels-last --decode device
+common=(--source "$data/human-segmentation" --device cuda --workers "$workers" --steps 30 --warmup 3)
+bench 200 sweep-eager train "${common[@]}" --sweep 16,32,64,128,256
+bench 270 sweep-compile train "${common[@]}" --sweep 64,256 --compile default
 bench 90 data data --source "$data/human-segmentation" --workers "$workers" --min-seconds 5
 
 step 60 course-split "$py" launch/course_split.py "$data/human-segmentation" runs/course_split.csv
@@ -70,8 +72,7 @@ for s in $(seq 1 "$seeds"); do
     rm -f "runs/gpu-hs-s$s/metrics.jsonl"  # an earlier run's metrics must not pass for this one's
     step 240 "recipe-seed$s" "$py" -m segdist train --config configs/human_seg.yaml train.seed="$s" \
         train.name="gpu-hs-s$s" train.out_dir=runs train.overwrite=true track.backend=none \
-        train.mixed_precision=bf16 model.channels_last=true data.decode=device data.num_workers="$workers"
+        data.decode=device data.num_workers="$workers"  # bf16 + channels_last: the CUDA defaults
     cp "runs/gpu-hs-s$s/metrics.jsonl" "$out/hs-s$s.jsonl" 2>/dev/null
 done
-bench 240 train-bf16-cl-compile train "${common[@]}" --precision bf16 --channels-last --compile
 echo "== done after $((SECONDS - start_s))s" | tee -a "$log"

@@ -84,10 +84,12 @@ def _resized_crop(cfg: AugmentConfig, channels: int, size: tuple[int, int]):
     lo, hi = cfg.crop_scale
     if cfg.crop_p <= 0 or lo >= 1:
         return None
-    # align_corners=False: the mask's nearest resize in slice mode always uses the half-pixel grid,
-    # and the image must use the same grid or the two drift by up to ~0.6 px at the crop edges.
+    # cropping_mode="resample": one batched warp for the whole batch (Kornia's default "slice" mode
+    # crops and resizes one sample at a time, so its cost grows with the batch). Image and mask go
+    # through the same transform; the mask is resampled nearest. align_corners=False: the half-pixel
+    # grid, as the rest of segdist's resizing uses.
     # Kornia applies this op's p per batch (all samples or none), unlike the other ops' per-sample p.
-    return K.RandomResizedCrop(size, scale=(lo, hi), p=cfg.crop_p, align_corners=False)
+    return K.RandomResizedCrop(size, scale=(lo, hi), p=cfg.crop_p, align_corners=False, cropping_mode="resample")
 
 
 def _hflip(cfg: AugmentConfig, channels: int, size: tuple[int, int]):

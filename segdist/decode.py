@@ -5,13 +5,21 @@
   :func:`segdist.resize.resize_to` resizes by the one rule (area from 2x down, else bilinear).
 * :func:`decode_mask`: index PNG bytes -> uint8 (S, S), nearest (class ids stay ids).
 * :func:`to_device`: a loader batch onto the accelerator; rows that travelled as JPEG bytes
-  (``data.decode=device``) are decoded there (nvJPEG on CUDA).
+  (``data.decode=device``) are decoded there (nvJPEG on CUDA), all of a batch in one batched nvJPEG
+  call and one batched resize. Masks always decode on the CPU: they are index PNGs, which nvJPEG
+  does not read, and at a tenth of a millisecond each the loader workers never wait on them.
+* :func:`device_batches`: the training loop's batches on the device; on CUDA a thread copies
+  (and device-decodes) the next batches on a side stream while the GPU trains.
 """
 
 from __future__ import annotations
 
 import io
+import queue
 import struct
+import threading
+import weakref
+from collections.abc import Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -20,8 +28,8 @@ import torch
 from .errors import UserError
 from .resize import as_hw, resize_batch, resize_to, scaled_size
 
-__all__ = ["DecodeError", "jpeg_size", "decode_image", "decode_rgb", "decode_mask", "frame_count", "image_format",
-           "place", "to_device", "unreadable_reason"]
+__all__ = ["DecodeError", "jpeg_size", "decode_image", "decode_rgb", "decode_mask", "device_batches", "frame_count",
+           "image_format", "place", "to_device", "unreadable_reason"]
 
 cv2.setNumThreads(1)  # one decode per worker process; OpenCV's own pool only oversubscribes
 
@@ -262,5 +270,75 @@ def to_device(batch: dict, device: torch.device | str, stats: dict | None = None
     mask = batch["mask"].to(device, non_blocking=True)
     rows = [i for i, j in enumerate(batch.get("jpeg") or []) if j is not None]
     if rows:
-        image[rows] = resize_batch(_decode_rows([batch["jpeg"][i] for i in rows], device, stats), image.shape[-2:])
+        decoded = resize_batch(_decode_rows([batch["jpeg"][i] for i in rows], device, stats), image.shape[-2:])
+        if len(rows) == len(image):
+            return decoded, mask
+        for k, r in enumerate(rows):  # row by row: image[rows] = ... would copy the index list in a host sync
+            image[r] = decoded[k]
     return image, mask
+
+
+def device_batches(batches: Iterable[dict], device, stats: dict | None = None, ahead: int = 2) -> Iterator:
+    """``(image, mask)`` on ``device`` for each loader batch (:func:`to_device`).
+
+    On CUDA a thread does the copies (pinned memory -> device, and the device decode) on a side
+    stream, up to ``ahead`` batches before the training step asks: the step's stream waits for an
+    event on the device, the host never waits for a copy. Elsewhere the batches move as they are asked for.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return (to_device(b, device, stats) for b in batches)
+    return _Prefetch(batches, device, stats, ahead)
+
+
+class _Prefetch:
+    """The CUDA side of :func:`device_batches`: a daemon thread fills a bounded queue."""
+
+    def __init__(self, batches: Iterable[dict], device: torch.device, stats: dict | None, ahead: int):
+        self.main = torch.cuda.current_stream(device)
+        self.queue: queue.Queue = queue.Queue(maxsize=max(ahead, 1))
+        self.stop = threading.Event()
+        weakref.finalize(self, self.stop.set)  # the loop left early (pause, error): the thread ends too
+        threading.Thread(target=_copy_ahead, args=(iter(batches), device, stats, self.queue, self.stop),
+                         daemon=True, name="segdist-prefetch").start()
+
+    def __iter__(self) -> _Prefetch:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        item = self.queue.get()
+        if item is None:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        image, mask, ready = item
+        self.main.wait_event(ready)  # the training stream waits on the device, not the host
+        for t in (image, mask):  # allocated on the side stream: not reused before the step is done with it
+            t.record_stream(self.main)
+        return image, mask
+
+
+def _copy_ahead(it: Iterator[dict], device: torch.device, stats: dict | None, out: queue.Queue,
+                stop: threading.Event) -> None:
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    side = torch.cuda.Stream(device)
+    try:
+        with torch.cuda.device(device), torch.cuda.stream(side):  # the current stream is per thread
+            for batch in it:
+                image, mask = to_device(batch, device, stats)
+                ready = torch.cuda.Event()
+                ready.record(side)
+                if not put((image, mask, ready)):
+                    return
+    except BaseException as e:  # noqa: BLE001 -- raised in the training thread, at its next batch
+        put(e)
+        return
+    put(None)

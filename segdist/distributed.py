@@ -1,8 +1,10 @@
 """What every rank must agree on: the Accelerator, BatchNorm statistics, per-step decisions.
 
 DDP keeps gradients in sync, but anything a rank decides alone (skip this step, stop now)
-must be decided by all ranks together or the next collective hangs. :func:`agree` is the one
-small all-reduce the training step pays for that.
+must be decided by all ranks together or the next collective hangs (or the weights diverge).
+:func:`any_rank` agrees on a device flag without a host sync (the per-step skip); :func:`agree`
+brings host flags (a stop signal) to every rank and reads the result: a sync, so the training
+loop calls it only at its reads (``segdist.step``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import threading
 import torch
 from accelerate import Accelerator
 
-__all__ = ["make_accelerator", "sync_buffers", "agree", "StopSignal"]
+__all__ = ["make_accelerator", "train_precision", "sync_buffers", "agree", "any_rank", "StopSignal"]
 
 
 def make_accelerator(**kw) -> Accelerator:
@@ -48,6 +50,27 @@ def sync_buffers(model: torch.nn.Module, accelerator) -> None:
         b.copy_(v.view_as(b))
 
 
+def train_precision(setting: str) -> str:
+    """``train.mixed_precision`` for training: ``auto`` is what ``accelerate launch`` set
+    (``--mixed_precision``, its config file), else bf16 on a CUDA GPU that has it, else no.
+    (``segdist eval`` keeps ``auto`` as Accelerate reads it: exact scores do not follow the GPU.)"""
+    import os
+
+    if setting != "auto" or os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "auto"
+
+
+def any_rank(accelerator, flag: torch.Tensor) -> torch.Tensor:
+    """``flag`` (a 0-dim bool device tensor) set on *any* rank, as a device tensor: one all-reduce
+    queued on the device (NCCL), no host sync; the flag itself on one process."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = flag.float()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t > 0
+
+
 def agree(accelerator, *flags) -> list[bool]:
     """For each flag (a bool or a 0-dim tensor on any rank): is it set on *any* rank?
 
@@ -65,8 +88,9 @@ class StopSignal:
 
     SLURM sends USR1 ahead of the time limit (``--signal=USR1@120``) and TERM on preemption;
     the default action of both kills the process at once, without a state. The handler only
-    records the request: the training loop reads :attr:`requested` inside its per-step
-    :func:`agree`, so every rank stops after the same step even if only one got the signal.
+    records the request: the training loop reads :attr:`requested` at its reads (every
+    ``train.log_every`` steps, see ``segdist.step``) through :func:`agree`, so every rank stops after
+    the same step even if only one got the signal.
     """
 
     SIGNALS = ("SIGUSR1", "SIGTERM")

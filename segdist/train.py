@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import time
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +26,8 @@ from .augment import DeviceAugment
 from .card import write_model_card
 from .checkpoint import ModelMeta, repair_run_folder, save_model, save_state
 from .config import Config, save_config
-from .decode import to_device
-from .distributed import StopSignal, agree, make_accelerator, sync_buffers
+from .decode import device_batches
+from .distributed import StopSignal, agree, make_accelerator, sync_buffers, train_precision
 from .errors import Paused, UserError
 from .evaluate import evaluate, native_metrics, val_loader, with_input_res
 from .infer import options_for
@@ -40,6 +40,7 @@ from .shards.classes import out_channels_for
 from .shards.fingerprint import check_disjoint, class_table, fingerprint, summary
 from .resume import Loop, resume_or_start, scored_at
 from .runlock import hold_run_folder
+from .step import Meter, Steps, compile_forward_loss, kernels_for_eval
 from .stream import ShardStream, batches_per_epoch
 from .track import RunLog, init_trackers, overlay_grid, plot_confusion, plot_curves, tracker_names
 
@@ -64,6 +65,9 @@ class Trainer:
     eval_aug: DeviceAugment
     log: RunLog
     steps_per_epoch: int
+    forward_loss: object  # (x, y) -> loss: model + loss, compiled with train.compile
+    steps: Steps  # the optimiser step on the device, and its reads
+    channels_last: bool
     dataset: dict = dataclasses.field(default_factory=dict)  # the shard set's fingerprint, saved in every state
 
     @property
@@ -119,42 +123,37 @@ def run(cfg: Config) -> dict:
 
 def train_one_epoch(t: Trainer, batches, loop: Loop) -> tuple[Loop, dict]:
     """One epoch from ``loop.batch`` on; returns the new position and the epoch's record."""
-    cfg, acc, model = t.cfg, t.accelerator, t.model
+    cfg, acc, model, steps = t.cfg, t.accelerator, t.model, t.steps
     acc_n, first, end = cfg.optim.accumulate, loop.batch, loop.batch + len(batches)
     set_train_mode(model, cfg.model.freeze_bn)
-    meter = Meter(acc.device)
-    bar = tqdm(total=end, initial=first, desc=f"epoch {loop.epoch}", disable=not acc.is_local_main_process,
-               leave=False)
-    it = iter(batches)
+    meter = Meter(compiled=cfg.train.compile != "none")
+    steps.start(loop.step)
+    bar = tqdm(total=end, initial=first, desc=f"epoch {loop.epoch}", leave=False,
+               disable=not acc.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")))
+    it = device_batches(batches, acc.device, meter.decode)  # on CUDA copied ahead on a side stream
     for i in range(first, end):
-        batch = meter.wait_for(it)
-        image, mask = to_device(batch, acc.device, meter.decode)
-        x, y = t.train_aug(image, mask)
-        if cfg.model.channels_last:
+        x, y = t.train_aug(*meter.wait_for(it))
+        if t.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         # Accumulation groups end every `accumulate` batches and at the epoch end; DDP only
         # all-reduces gradients on a group's last micro-batch.
         last = (i + 1) % acc_n == 0 or i + 1 == end
         group = acc_n if i // acc_n < end // acc_n else end % acc_n
-        with contextlib.nullcontext() if last else acc.no_sync(model):
+        with contextlib.nullcontext() if last else acc.no_sync(model), meter.first_of_shape(x.shape):
             with acc.autocast():
-                loss = t.loss_fn(model(x), y)
+                loss = t.forward_loss(x, y)  # model + loss (one compiled graph with train.compile)
             acc.backward(loss / group)
-        meter.add(loss.detach(), len(y))
+        steps.add(loss)
+        meter.add(len(y))
         bar.update(1)
         if not last:
             continue
-        grad_norm = clip_gradients(t)
-        bad = ~torch.isfinite(meter.group_loss())
-        if acc.mixed_precision != "fp16":  # fp16: GradScaler skips inf/NaN gradients and lowers its scale
-            bad |= ~torch.isfinite(grad_norm)
-        # Every rank must take the same decisions, else DDP diverges or hangs: one tiny all-reduce.
-        skip, stop = agree(acc, bad, t.stop.requested)  # the step's only device sync
-        loop = optimizer_step(t, dataclasses.replace(loop, batch=i + 1), skip)
-        if loop.step % cfg.train.log_every == 0 and loop.nonfinite_run == 0:
-            record = meter.window(epoch=loop.epoch, lr=t.scheduler.get_last_lr()[-1])  # syncs: logging steps only
-            t.log.log(record, loop.step)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", wait=f"{100 * record['data_wait']:.0f}%")
+        steps.step(group)  # clip, step or skip (non-finite), LR, EMA: all queued, nothing read back
+        # The host reads the device's counters every log_every steps, before a periodic save and at
+        # the epoch end: the loop's only sync. Every rank reads at the same steps.
+        if not steps.due(loop.step, i + 1 == end):
+            continue
+        loop, stop = settle(t, dataclasses.replace(loop, batch=i + 1), meter, bar)
         if stop:
             pause(t, loop)  # a state at this same step on every rank, then exit for requeue
         if cfg.train.checkpoint_every and loop.step % cfg.train.checkpoint_every == 0 and i + 1 < end:
@@ -165,32 +164,26 @@ def train_one_epoch(t: Trainer, batches, loop: Loop) -> tuple[Loop, dict]:
     return dataclasses.replace(loop, epoch=loop.epoch + 1, batch=0, carry=[]), record
 
 
-def clip_gradients(t: Trainer) -> torch.Tensor:
-    """Global gradient norm (a 0-dim device tensor), clipped to ``optim.grad_clip`` when that is set."""
-    params = [p for p in t.model.parameters() if p.grad is not None]
-    if t.cfg.optim.grad_clip > 0:
-        return t.accelerator.clip_grad_norm_(params, t.cfg.optim.grad_clip)  # unscales fp16 gradients first
-    if t.accelerator.mixed_precision == "fp16":
-        return torch.zeros((), device=t.accelerator.device)  # unused: GradScaler checks fp16 gradients itself
-    return torch.nn.utils.get_total_norm([p.grad for p in params])
-
-
-def optimizer_step(t: Trainer, loop: Loop, skip: bool) -> Loop:
-    """Step, schedule, EMA; or, when the loss or gradients were not finite on any rank, skip the step."""
-    if skip:
-        t.optimizer.zero_grad(set_to_none=True)
-        loop = dataclasses.replace(loop, nonfinite=loop.nonfinite + 1, nonfinite_run=loop.nonfinite_run + 1)
+def settle(t: Trainer, loop: Loop, meter: Meter, bar) -> tuple[Loop, bool]:
+    """A read (:meth:`Steps.read`): the steps taken and skipped since the last one; logs the window
+    when it ends on a logging step, stops a run whose steps keep failing, and says whether a stop
+    signal reached any rank."""
+    p = t.steps.read(loop.step)
+    meter.settle(p)
+    loop = dataclasses.replace(loop, step=loop.step + p.taken, nonfinite=loop.nonfinite + p.skipped,
+                               nonfinite_run=p.run)
+    if not p.buffers_ok:
+        t.accelerator.print(f"step {loop.step}: non-finite BatchNorm statistics put back to the previous read's")
+    if p.skipped:
         t.log.log({"event": "nonfinite", "epoch": loop.epoch, "count": loop.nonfinite}, loop.step)
         if loop.nonfinite_run >= t.cfg.train.max_nonfinite:
             stop_nonfinite(t, loop)
-        return loop
-    t.optimizer.step()
-    if not t.optimizer.step_was_skipped:  # fp16 GradScaler skips overflowing steps
-        t.scheduler.step()
-    t.optimizer.zero_grad(set_to_none=True)
-    if t.ema is not None:
-        t.ema.update(t.accelerator.unwrap_model(t.model, keep_torch_compile=False))
-    return dataclasses.replace(loop, step=loop.step + 1, nonfinite_run=0)
+    if loop.step % t.cfg.train.log_every == 0 and loop.nonfinite_run == 0:
+        record = meter.window(epoch=loop.epoch, lr=t.scheduler.get_last_lr()[-1])
+        t.log.log(record, loop.step)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", wait=f"{100 * record['data_wait']:.0f}%")
+    (stop,) = agree(t.accelerator, t.stop.requested)  # one tiny all-reduce: every rank stops at this step
+    return loop, stop
 
 
 def pause(t: Trainer, loop: Loop) -> None:
@@ -225,11 +218,12 @@ def evaluate_and_save(t: Trainer, loop: Loop) -> tuple[dict, float]:
     acc, best_iou = t.accelerator, loop.best_iou
     model = t.eval_model()
     sync_buffers(model, acc)
-    metrics, shown = evaluate(model, val_loader(t.cfg, t.shards, "val", acc), acc, t.eval_aug, t.loss_fn,
-                              t.meta.num_classes, t.meta.binary, t.meta.class_names,
-                              overlays=t.cfg.train.overlays)
-    if t.cfg.train.eval_full_res:
-        metrics = full_res_metrics(t, model, metrics)
+    with kernels_for_eval():
+        metrics, shown = evaluate(model, val_loader(t.cfg, t.shards, "val", acc), acc, t.eval_aug, t.loss_fn,
+                                  t.meta.num_classes, t.meta.binary, t.meta.class_names,
+                                  overlays=t.cfg.train.overlays)
+        if t.cfg.train.eval_full_res:
+            metrics = full_res_metrics(t, model, metrics)
     iou = metrics["iou"]
     improved = not math.isnan(iou) and iou > best_iou
     if acc.is_main_process:
@@ -266,8 +260,9 @@ def setup(cfg: Config, stop: StopSignal, owned: contextlib.ExitStack) -> Trainer
     check_loss_config(cfg.loss)
     check_optim_config(cfg.optim)
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
-    acc = make_accelerator(mixed_precision=cfg.train.mixed_precision, log_with=tracker_names(cfg) or None,
-                           project_dir=str(run_dir), step_scheduler_with_optimizer=False)
+    acc = make_accelerator(mixed_precision=train_precision(cfg.train.mixed_precision),
+                           log_with=tracker_names(cfg) or None, project_dir=str(run_dir),
+                           step_scheduler_with_optimizer=False)
     note = owned.enter_context(hold_run_folder(acc, run_dir))  # before anything in run_dir is written
     for line in [note] * bool(note) + (repair_run_folder(run_dir) if acc.is_main_process else []):
         acc.print(line)
@@ -277,8 +272,11 @@ def setup(cfg: Config, stop: StopSignal, owned: contextlib.ExitStack) -> Trainer
     check_disjoint(shards)
     out_ch = out_channels_for(cfg, shards)
     dataset = fingerprint(shards)
+    cuda = acc.device.type == "cuda"
+    channels_last = cuda if cfg.model.channels_last == "auto" else cfg.model.channels_last
+    torch.backends.cudnn.benchmark = cuda  # fixed-shape training: cuDNN times its kernels once per shape
     model = create_model(cfg.model, out_ch)
-    if cfg.model.channels_last:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(cfg.optim, model)
     steps_per_epoch = math.ceil(batches_per_epoch(shards.split("train")[1], cfg.data.batch_size,
@@ -286,15 +284,16 @@ def setup(cfg: Config, stop: StopSignal, owned: contextlib.ExitStack) -> Trainer
     scheduler = create_scheduler(cfg.optim, optimizer, steps_per_epoch * cfg.train.epochs)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     ema = EMA(acc.unwrap_model(model), cfg.optim.ema) if cfg.optim.ema > 0 else None
-    if cfg.model.compile:
-        model = torch.compile(model)
     log = RunLog(acc, run_dir, cfg.track.backend)
     meta = ModelMeta(cfg, tuple(shards.class_names), shards.num_classes, out_ch == 1, shards.palette,
                      class_table(shards), summary(dataset, cfg.data.shards))
     loss_fn = create_loss(cfg.loss, out_ch, class_weights(shards.manifest, cfg.loss.class_weights))
+    steps = Steps(acc, model, optimizer, scheduler, ema, cfg.optim.grad_clip, cfg.train.log_every,
+                  cfg.train.checkpoint_every)
     return Trainer(cfg, stop, acc, run_dir, shards, meta, model, optimizer, scheduler, ema, loss_fn,
                    DeviceAugment(cfg.augment, train=True), DeviceAugment(cfg.augment, train=False), log,
-                   steps_per_epoch, dataset=dataset)
+                   steps_per_epoch, compile_forward_loss(model, loss_fn, cfg.train.compile), steps, channels_last,
+                   dataset=dataset)
 
 
 def open_run(t: Trainer) -> None:
@@ -331,60 +330,6 @@ def set_train_mode(model, freeze_bn: bool) -> None:
 
 
 # ------------------------------------------------------------------------------ logging
-class Meter:
-    """Loss sums on the device (read only when logged) and time spent waiting for data.
-
-    ``window`` covers the optimiser steps since the last log line, ``epoch`` the whole epoch,
-    so every log line carries its data-wait share, as torchvision's ``log_every`` does.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.t0 = self.t_window = time.perf_counter()
-        self.wait = self.wait_window = 0.0
-        self.samples = self.samples_window = 0
-        self.loss = torch.zeros(2, device=device)  # epoch: (sum of batch losses, batches)
-        self.loss_window = torch.zeros(2, device=device)
-        self.loss_group = torch.zeros((), device=device)
-        self.decode: dict = {}  # JPEGs the device decoder refused (decoded on the CPU instead)
-
-    def wait_for(self, it):
-        t0 = time.perf_counter()
-        batch = next(it)
-        dt = time.perf_counter() - t0
-        self.wait += dt
-        self.wait_window += dt
-        return batch
-
-    def add(self, loss: torch.Tensor, n: int) -> None:
-        one = torch.stack([loss.float(), torch.ones((), device=self.device)])
-        self.loss += one
-        self.loss_window += one
-        self.loss_group += loss.float()
-        self.samples += n
-        self.samples_window += n
-
-    def group_loss(self) -> torch.Tensor:
-        """Summed loss of the accumulation group that just ended (non-finite if any part was)."""
-        g, self.loss_group = self.loss_group, torch.zeros((), device=self.device)
-        return g
-
-    def window(self, **extra) -> dict:
-        now = time.perf_counter()
-        dt = max(now - self.t_window, 1e-9)
-        loss = float(self.loss_window[0] / self.loss_window[1].clamp_min(1))
-        rec = {"event": "train", **extra, "loss": loss, "img_s": self.samples_window / dt,
-               "data_wait": self.wait_window / dt}
-        self.t_window, self.wait_window, self.samples_window = now, 0.0, 0
-        self.loss_window.zero_()
-        return rec
-
-    def epoch(self, world_size: int) -> dict:
-        elapsed = time.perf_counter() - self.t0
-        return {"train_loss": float(self.loss[0] / self.loss[1].clamp_min(1)),
-                "img_s": self.samples * world_size / elapsed, "data_wait": self.wait / elapsed, **self.decode}
-
-
 def val_record(metrics: dict, binary: bool) -> dict:
     """The logged val scores: the headline (full resolution with ``train.eval_full_res``), plus the
     network-input scores as ``val_input_*`` when both were measured."""

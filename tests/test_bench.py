@@ -182,6 +182,21 @@ def test_bench_train_json_smoke(capsys):
     assert run["segdist"]["mallopt_applied"] is (platform.libc_ver()[0] == "glibc")
 
 
+@pytest.mark.slow
+def test_bench_train_sweep_smoke(capsys):
+    """--sweep: segdist's own training loop (train_one_epoch) at two batch sizes, no course loop: images/s,
+    data-wait, compile time, peak memory and FLOPs per image; MFU only where the GPU's bf16 peak is known."""
+    source = require_dataset(HUMAN_SEG)
+    assert main(["bench", "train", "--source", str(source), "--limit", "8", "--size", "64", "--sweep", "2,4",
+                 "--steps", "2", "--warmup", "1", "--workers", "1", "--threads", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert [row["batch"] for row in r["rows"]] == r["sweep"] == [2, 4] and "runs" not in r
+    for row in r["rows"]:
+        assert row["img_s"] > 0 and 0 <= row["data_wait"] < 1 and row["peak_mem_mb"] > 0, row
+        assert row["compile_s"] == 0 and row["mfu"] is None, row  # eager, on the CPU
+    assert 1e9 < r["flops_per_image"] < 1e11  # Unet + lite0 at 64 px: ~3.5 GFLOP forward + backward
+
+
 FAULTS = """
 import resource, sys, torch
 CLI = {"train": ["train", "--config", "configs/demo.yaml", "train.epochs=typo"],  # each tunes, then fails at once

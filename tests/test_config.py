@@ -184,3 +184,25 @@ def test_yaml_values_are_shown_as_written_never_as_python_objects(tmp_path):
         assert says in str(e.value) and "datetime" not in str(e.value) and "object at 0x" not in str(e.value)
     (tmp_path / "c.yaml").write_text("train:\n  name: 2024-01-01\n")
     assert load_config(tmp_path / "c.yaml", []).train.name == "2024-01-01"  # a date-like name is meant as text
+
+
+def test_model_compile_of_earlier_versions_is_read_as_train_compile(capsys):
+    """model.compile (a bool until 2026-12) became train.compile (a mode): saved runs, whose configs all
+    hold model.compile: false, load silently; a config that turned it on compiles in the default mode."""
+    old = load_config(None, []).to_dict()
+    del old["train"]["compile"]
+    old["model"]["compile"] = False
+    assert config_from_dict(old).train.compile == "none" and capsys.readouterr().err == ""
+    old["model"]["compile"] = True
+    assert config_from_dict(old).train.compile == "default"
+    assert "model.compile' is now 'train.compile'" in capsys.readouterr().err
+    assert load_config(None, ["train.compile=true"]).train.compile == "default"
+    with pytest.raises(UserError, match="'train.compile' must be one of none, default, max-autotune, reduce-overhead"):
+        load_config(None, ["train.compile=fast"])
+
+
+def test_channels_last_is_auto_true_or_false():
+    assert load_config(None, []).model.channels_last == "auto"
+    assert load_config(None, ["model.channels_last=false"]).model.channels_last is False
+    with pytest.raises(UserError, match="'model.channels_last' must be auto, true or false"):
+        load_config(None, ["model.channels_last=sometimes"])

@@ -4,6 +4,8 @@
   pixels every time (torchvision allocates its outputs on the current stream and decodes on
   its own; see segdist.decode._decode_jpegs).
 * 2-process NCCL evaluation equals 1-process evaluation exactly (`segdist eval` picks exact kernels).
+* The training loop's prefetch thread (side stream + event) gives the main stream's copies.
+* (tests/test_step.py) the steady-state training step under torch.cuda.set_sync_debug_mode("error").
 """
 
 from __future__ import annotations
@@ -82,3 +84,27 @@ def test_bench_train_on_cuda_with_device_decode(capsys):
     for loop in ("course", "segdist"):
         m = r["runs"]["default"][loop]
         assert m["img_s"] > 0 and m["gpu_peak_mb"] > 0, (loop, m)
+
+
+@pytest.mark.parametrize("device_decode", [False, True])
+def test_batches_copied_ahead_on_a_side_stream_are_the_direct_copies(tmp_path, device_decode):
+    """device_batches (the training loop's prefetch thread: pinned copy, nvJPEG decode, on a side stream,
+    with an event) gives what to_device gives on the main stream, batch for batch, under queued work."""
+    from segdist.decode import device_batches, to_device
+    from segdist.shards import open_shards
+    from tests.shardutil import make_loader
+
+    jpg = write_shards(tmp_path, {"val": [12]}, size=128, ext="jpg")
+    urls, sizes = open_shards(str(jpg)).split("val")
+    batches = list(make_loader(urls, sizes, batch_size=4, image_size=96, train=False, pin_memory=True,
+                               device_decode=device_decode))
+    want = [to_device(b, "cuda") for b in batches]
+    a = torch.randn(4096, 4096, device="cuda")
+    got = []
+    for image, mask in device_batches(batches, "cuda"):
+        x = a @ a  # queued work on the main stream while the thread copies the next batch
+        del x
+        got.append((image.clone(), mask.clone()))
+    assert len(got) == len(want) == 3
+    for (gi, gm), (wi, wm) in zip(got, want):
+        assert torch.equal(gi, wi) and torch.equal(gm, wm)

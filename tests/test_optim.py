@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -124,3 +126,86 @@ def test_ema_on_timm_gives_the_same_weights_as_before(model):
     pairs = list(zip(ours.module.state_dict().values(), before.module.state_dict().values(), strict=True))
     assert len(pairs) > 300 and all(torch.equal(a, b) for a, b in pairs)
     assert not all(torch.equal(a, b) for a, b in zip(ours.module.parameters(), model.parameters()))
+
+
+def test_the_device_ema_update_is_the_host_one_bit_for_bit_and_a_skipped_step_leaves_it():
+    """update_on_device (the training step's: decay from a device count, no sync) gives update's bits;
+    with skipped=True it changes nothing, count included."""
+    from segdist.optim import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 1, 3))
+    host, device = EMA(model, 0.99), EMA(model, 0.99)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for k in range(40):
+        model(torch.randn(2, 3, 16, 16)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        skip = k in (3, 4, 30)
+        before = [p.clone() for p in device.module.parameters()]
+        device.update_on_device(model, torch.tensor(skip))
+        if skip:
+            assert all(torch.equal(a, b) for a, b in zip(before, device.module.parameters()))
+            continue
+        host.update(model)
+    assert host.updates == device.updates == 37
+    pairs = list(zip(host.module.state_dict().values(), device.module.state_dict().values(), strict=True))
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
+class TwoGroups(torch.nn.Module):
+    """An encoder and a head: two param groups, as an SMP model gives."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.head = torch.nn.Linear(6, 4), torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).relu())
+
+
+@pytest.mark.parametrize("name,scheduler", [("adamw", "cosine"), ("sgd", "poly")])
+def test_steps_skipped_on_the_device_keep_weights_moments_and_lr_as_a_host_skip_would(name, scheduler):
+    """Fused optimiser + found_inf + DeviceSchedule (LR picked on the device by the steps taken) against
+    the plain loop that skips on the host (no optimizer.step(), no scheduler.step()): the same bits,
+    including a skipped first step (fused SGD's momentum buffers) and reads between the steps."""
+    from segdist.optim import DeviceSchedule
+
+    cfg = load_config(None, [f"optim.name={name}", f"optim.scheduler={scheduler}", "optim.warmup_steps=3",
+                             "optim.lr=0.1", "optim.encoder_lr=0.01"])
+    torch.manual_seed(0)
+    net = TwoGroups()
+    nets = [net, copy.deepcopy(net)]
+    opts = [create_optimizer(cfg.optim, n) for n in nets]
+    scheds = [create_scheduler(cfg.optim, o, 20) for o in opts]
+    device = DeviceSchedule(opts[1], scheds[1], span=4, device=torch.device("cpu"))
+    device.start(0, advance=False)
+    skips = {0, 5, 6, 11}
+    taken = tried = 0
+    for k in range(16):
+        x = torch.randn(8, 6)
+        for n in nets:
+            n(x).square().mean().backward()
+        if k not in skips:  # the host reference
+            opts[0].step()
+            scheds[0].step()
+        opts[0].zero_grad()
+        bad = torch.tensor(k in skips)
+        opts[1].found_inf = bad.float()
+        device.step(opts[1], tried)
+        del opts[1].found_inf
+        opts[1].zero_grad()
+        device.took(bad)
+        taken, tried = taken + (k not in skips), tried + 1
+        if tried == 4:  # a read
+            device.start(taken)
+            tried = 0
+    device.start(taken)
+    assert [g["lr"] for g in opts[0].param_groups] == [g["lr"] for g in opts[1].param_groups]
+    assert scheds[0].state_dict()["last_epoch"] == scheds[1].state_dict()["last_epoch"] == 12
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(a, b)
+    for p0, p1 in zip(nets[0].parameters(), nets[1].parameters()):
+        for key, v in opts[0].state[p0].items():
+            assert torch.equal(v, opts[1].state[p1][key]), key

@@ -2,7 +2,8 @@
 
 * ``data`` (:mod:`.data`): the course loader vs the segdist stream vs the decode limit.
 * ``decode`` (:mod:`.decode`): JPEG decoders on the same shard bytes.
-* ``train`` (:mod:`.train`): the course's training loop vs segdist's training step.
+* ``train`` (:mod:`.train`): the course's training loop vs ``segdist train``'s own loop; ``--sweep``:
+  segdist's loop alone over batch sizes (:mod:`.loop`).
 
 :mod:`.common` holds what they share (timing, RSS and CPU accounting, the shards built from the
 source CSV); :mod:`.course` the course's own loader and loop, the baseline, apart from segdist's

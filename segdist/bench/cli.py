@@ -7,11 +7,13 @@ import tempfile
 from pathlib import Path
 
 
+from ..errors import UserError
 from ..shards import open_shards
 from .common import DEFAULT_SOURCE, BenchArgs, build_bench_shards, check_args, source_csv
 from .course import read_course_csv
 from .data import format_table, run_data_bench
 from .decode import format_decode_table, run_decode_bench
+from .loop import format_sweep_table
 from .remote import format_remote_table, run_remote_bench
 from .train import MALLOC_SETTINGS, TrainArgs, format_train_table, run_train_bench
 
@@ -56,10 +58,13 @@ def add_cli(sub) -> None:
                                     "images, and its mean difference from full-size OpenCV decoding.")
     _source_args(k, 2.0, "decode")
     k.set_defaults(func=_cmd_decode)
-    t = bsub.add_parser("train", help="the course's training loop vs segdist's training step (CPU or GPU), one run",
+    t = bsub.add_parser("train", help="the course's training loop vs segdist's (CPU or GPU); or segdist's over a "
+                                      "batch-size sweep",
                         description="Images/s, data-wait, minor page faults and peak RSS of the course's training "
-                                    "loop and of segdist's training step, each in a fresh process, under each "
-                                    "--malloc setting (see docs/benchmarks.md).")
+                                    "loop and of segdist's (`segdist train`'s own loop), each in a fresh process, "
+                                    "under each --malloc setting; with --sweep, segdist's loop alone at each batch "
+                                    "size: images/s, data-wait, compile time, peak memory, MFU (see "
+                                    "docs/benchmarks.md).")
     _source_args(t, None, "train on")
     t.add_argument("--batch", type=int, default=16, help="batch size (default 16, as the course)")
     t.add_argument("--workers", type=int, default=2, help="data loader worker processes for both (default 2)")
@@ -68,10 +73,16 @@ def add_cli(sub) -> None:
     t.add_argument("--malloc", default="default",
                    help=f"glibc allocator setting(s), comma-separated: {', '.join(MALLOC_SETTINGS)}, or all "
                         f"(default: default)")
-    t.add_argument("--precision", choices=("no", "bf16"), default="no", help="segdist's step under bf16 autocast")
-    t.add_argument("--channels-last", action="store_true", help="segdist's model and input in channels_last")
-    t.add_argument("--compile", action="store_true",
-                   help="segdist's model through torch.compile (compiled on the first step: keep --warmup >= 1)")
+    t.add_argument("--precision", choices=("auto", "no", "bf16"), default="auto",
+                   help="segdist's train.mixed_precision (default auto: bf16 on CUDA)")
+    t.add_argument("--channels-last", choices=("auto", "true", "false"), nargs="?", const="true", default="auto",
+                   help="segdist's model.channels_last (default auto: on with CUDA; the bare flag: true)")
+    t.add_argument("--compile", choices=("none", "default", "max-autotune", "reduce-overhead"), nargs="?",
+                   const="default", default="none",
+                   help="segdist's train.compile mode (the bare flag: default); compiled in the warm-up steps")
+    t.add_argument("--sweep", default="",
+                   help="comma-separated batch sizes, e.g. 16,32,64,128,256: segdist's loop alone (default recipe) "
+                        "at each, until the GPU runs out of memory; no course loop")
     t.add_argument("--threads", type=int, default=0, help="torch threads in both loops (default 0: one per core)")
     t.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both loops train (default cpu)")
     t.add_argument("--decode", choices=("cpu", "device"), default="cpu",
@@ -110,11 +121,16 @@ def _cmd_decode(args) -> int:
 
 def _cmd_train(args) -> int:
     malloc = tuple(MALLOC_SETTINGS) if args.malloc == "all" else tuple(args.malloc.split(","))
+    try:
+        batches = tuple(int(b) for b in args.sweep.split(",") if b.strip())
+    except ValueError:
+        raise UserError(f"--sweep takes comma-separated batch sizes, e.g. 16,32,64 (got {args.sweep!r})") from None
     result = run_train_bench(TrainArgs(shards=args.shards, source=args.source, split=args.split, size=args.size,
                                        batch=args.batch, workers=args.workers, max_side=args.max_side,
                                        limit=args.limit, steps=args.steps, warmup=args.warmup, malloc=malloc,
                                        precision=args.precision, channels_last=args.channels_last,
                                        threads=args.threads, compile=args.compile, device=args.device,
-                                       decode=args.decode))
-    print(json.dumps(result) if args.json else format_train_table(result))
+                                       decode=args.decode, sweep=batches))
+    table = format_sweep_table if batches else format_train_table
+    print(json.dumps(result) if args.json else table(result))
     return 0

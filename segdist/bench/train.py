@@ -1,4 +1,5 @@
-"""``segdist bench train``: the course's training loop vs segdist's training step, in one run.
+"""``segdist bench train``: the course's training loop vs segdist's, in one run; or (``--sweep``) segdist's
+loop alone over batch sizes (:mod:`.loop`).
 
 Both loops train the same SMP Unet on ``tu-efficientnet_lite0`` (random init) with Dice + BCE and
 Adam(3e-3) on one device (``--device``: the CPU, or a CUDA GPU), from the same CSV rows at the same size
@@ -7,10 +8,10 @@ and batch:
 * **course** -- the course's loop: ``course_loader`` (cv2 + albumentations in DataLoader workers,
   float batches moved to the device as the course does, ``.to(DEVICE)``),
   ``zero_grad -> forward -> loss -> backward -> step -> loss.item()``.
-* **segdist** -- segdist's step from its public pieces: ``Loader`` over ``ShardStream`` (shards built
-  from the same rows; JPEGs decoded on the GPU with ``--decode device``), ``to_device``,
-  ``DeviceAugment``, ``create_model``/``create_loss``/``create_optimizer``, clipping to ``optim.grad_clip``;
-  the course's flips (:data:`COURSE_AUGMENT_KW`).
+* **segdist** -- ``segdist train``'s own loop: the trainer :func:`segdist.train.setup` builds, trained by
+  :func:`segdist.train.train_one_epoch` (its augmentation, non-finite guard, reads and prefetch) over
+  shards built from the same rows (JPEGs decoded on the GPU with ``--decode device``), with the course's
+  recipe: Adam(3e-3) and flips (:data:`.loop.COURSE_AUGMENT_KW`).
 
 Each loop runs in a fresh interpreter (spawn) for each glibc malloc setting (:data:`MALLOC_SETTINGS`),
 so allocator settings and heap state never leak from one measurement into the next. After
@@ -25,7 +26,6 @@ max RSS; on CUDA also the peak of allocated GPU memory during the timed steps. T
 from __future__ import annotations
 
 import contextlib
-import itertools
 import multiprocessing
 import os
 import tempfile
@@ -41,7 +41,7 @@ from ..errors import UserError
 from ..shards import open_shards
 from .common import BenchArgs, OtherCpu, PeakRss, build_bench_shards, check_args, cpu_model, source_csv
 from .course import course_stepper, read_course_csv
-from .data import stream_epochs
+from .loop import sweep, timed_segdist
 
 
 def _proc_minflt(pid: int) -> int:
@@ -76,70 +76,34 @@ class TrainArgs(BenchArgs):
     """Steps run before the clock starts (first-touch allocations, kernel selection, worker start-up)."""
     malloc: tuple[str, ...] = ("default",)
     """Which :data:`MALLOC_SETTINGS` to measure, each in fresh processes."""
-    precision: str = "no"
-    """segdist's step under ``bf16`` autocast, or ``no`` (float32). The course loop is always float32."""
-    channels_last: bool = False
-    """segdist's model and input in channels_last memory format (``model.channels_last``)."""
+    precision: str = "auto"
+    """segdist's ``train.mixed_precision``: ``auto`` (bf16 on CUDA), ``bf16`` or ``no``. The course loop is float32."""
+    channels_last: str = "auto"
+    """segdist's ``model.channels_last``: ``auto`` (on with CUDA), ``true`` or ``false``."""
     threads: int = 0
     """torch intra-op threads in both loops; 0 = torch's default (one per core)."""
-    compile: bool = False
-    """segdist's model through ``torch.compile`` (``model.compile``); compiling happens in the warm-up steps."""
+    compile: str = "none"
+    """segdist's ``train.compile`` mode; compiling happens in the warm-up steps (reported as ``compile_s``)."""
+    sweep: tuple[int, ...] = ()
+    """Batch sizes: measure segdist's loop alone (default recipe) at each, instead of the comparison."""
     device: str = "cpu"
     """Where both loops train: ``cpu`` or ``cuda`` (the current CUDA device)."""
     decode: str = "cpu"
     """segdist's JPEG decoding: ``cpu`` (loader workers) or ``device`` (nvJPEG on the GPU, ``data.decode``)."""
 
 
-def _segdist_stepper(args: TrainArgs, rows: list, urls: list, sizes: list, stack: contextlib.ExitStack):
-    """segdist's training step from its public pieces, as ``train.train_one_epoch`` runs it without
-    Accelerate: Loader -> to_device -> DeviceAugment -> model (autocast) -> Dice+BCE -> backward ->
-    clip to ``optim.grad_clip`` -> Adam(3e-3, as the course) -> zero_grad(set_to_none)."""
-    from ..augment import DeviceAugment
-    from ..config import AugmentConfig, LossConfig, ModelConfig, OptimConfig
-
-    from ..decode import to_device
-    from ..losses import create_loss
-    from ..models import create_model
-    from ..optim import create_optimizer
-
-    device = torch.device(args.device)
-    model = create_model(ModelConfig(pretrained="none"), 1).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if args.compile else model
-    optim_cfg = OptimConfig(name="adam", lr=3e-3, weight_decay=0.0)
-    optimizer, loss_fn = create_optimizer(optim_cfg, model), create_loss(LossConfig(), 1)
-    aug = DeviceAugment(AugmentConfig(**COURSE_AUGMENT_KW), train=True).to(device)
-    make_epoch = stack.enter_context(stream_epochs(urls, sizes, args, device_decode=args.decode == "device"))
-    batches = (b for e in itertools.count() for b in make_epoch(e))
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-
-    def step() -> float:
-        t0 = time.perf_counter()
-        batch = next(batches)
-        wait = time.perf_counter() - t0
-        x, y = aug(*to_device(batch, device))
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            loss = loss_fn(forward(x), y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, optim_cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return wait
-
-    return step
+def _course_run(args: TrainArgs, rows: list, urls: list, sizes: list, shard_dir: str, stack):
+    step = course_stepper(args, rows, urls, sizes, stack)
+    return lambda n: sum(step() for _ in range(n))
 
 
-COURSE_AUGMENT_KW = {"hflip": 0.5, "vflip": 0.5, "crop_p": 0.0, "color_p": 0.0}
-"""The course's augmentation (albumentations HorizontalFlip + VerticalFlip) as segdist's augment keys, so
-both loops train the same recipe; segdist's default crop + colour jitter cost ~0.8 s per 16-image batch on
-one CPU thread (the colour jitter's HSV round trip most of it), which is recipe, not step speed."""
+def _segdist_run(args: TrainArgs, rows: list, urls: list, sizes: list, shard_dir: str, stack):
+    return timed_segdist(args, urls, sizes, shard_dir, stack)
 
-LOOPS = {"course": course_stepper, "segdist": _segdist_stepper}
-"""Training loops ``segdist bench train`` compares: (args, rows, urls, sizes, exit stack) -> step() -> data-wait s."""
+
+LOOPS = {"course": _course_run, "segdist": _segdist_run}
+"""Training loops ``segdist bench train`` compares: (args, rows, urls, sizes, shard dir, exit stack) -> run(n),
+which trains n steps and returns the seconds spent waiting for data."""
 
 MALLOC_SETTINGS = {"default": "no MALLOC_* variables: the course on glibc's defaults, segdist as shipped "
                               "(tune_malloc() at start, as `segdist train` does)",
@@ -162,7 +126,8 @@ def users_start_method() -> None:
     multiprocessing.set_start_method(None, force=True)
 
 
-def _measure_loop(loop: str, args: TrainArgs, rows: list, urls: list, sizes: list, malloc: str) -> dict:
+def _measure_loop(loop: str, args: TrainArgs, rows: list, urls: list, sizes: list, shard_dir: str,
+                  malloc: str) -> dict:
     """Run in a fresh process: ``warmup`` steps, then ``steps`` timed ones; rates over the timed ones."""
     from ..memory import tune_malloc
 
@@ -178,18 +143,18 @@ def _measure_loop(loop: str, args: TrainArgs, rows: list, urls: list, sizes: lis
         if cuda:
             torch.cuda.synchronize()
 
+    os.environ.setdefault("TQDM_DISABLE", "1")
     with contextlib.ExitStack() as stack:
-        step = LOOPS[loop](args, rows, urls, sizes, stack)
-        for _ in range(args.warmup):
-            step()
+        run = LOOPS[loop](args, rows, urls, sizes, shard_dir, stack)
+        if args.warmup:
+            run(args.warmup)
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         faults0, own0 = minor_faults()
-        wait, t0 = 0.0, time.perf_counter()
+        t0 = time.perf_counter()
         with PeakRss() as rss, OtherCpu() as other:
-            for _ in range(args.steps):
-                wait += step()
+            wait = run(args.steps)
             sync()
         seconds = time.perf_counter() - t0
         faults1, own1 = minor_faults()
@@ -236,9 +201,13 @@ def _in_fresh_process(fn: Callable, *fn_args):
 
 
 def run_train_bench(args: TrainArgs) -> dict:
-    """Both training loops under each malloc setting, each in its own fresh process, one after the other."""
+    """Both training loops under each malloc setting, each in its own fresh process, one after the other;
+    with ``args.sweep``, segdist's loop alone at each batch size, in one fresh process."""
     check_args(args)
-    checks = [(args.steps >= 1, f"--steps must be >= 1 (got {args.steps})"),
+    checks = [(all(b >= 1 for b in args.sweep), f"--sweep takes batch sizes >= 1 (got {args.sweep})"),
+              (args.compile in ("none", "default", "max-autotune", "reduce-overhead"),
+               f"--compile takes none, default, max-autotune or reduce-overhead (got {args.compile})"),
+              (args.steps >= 1, f"--steps must be >= 1 (got {args.steps})"),
               (args.warmup >= 0, f"--warmup must be >= 0 (got {args.warmup})"),
               (args.threads >= 0, f"--threads must be >= 0 (got {args.threads})"),
               (args.size % 32 == 0,
@@ -261,26 +230,31 @@ def run_train_bench(args: TrainArgs) -> dict:
         shard_dir = args.shards or str(build_bench_shards(rows, Path(tmp) / "shards", args.max_side,
                                                           max(args.workers, 1)))
         urls, sizes = open_shards(shard_dir).split(args.split)
-        for setting in args.malloc:
+        if args.sweep:
+            with _malloc_env("default"):
+                swept = _in_fresh_process(sweep, args, urls, sizes, shard_dir)
+        for setting in () if args.sweep else args.malloc:
             run = {}
             for loop in LOOPS:
                 with _malloc_env(setting):
-                    run[loop] = _in_fresh_process(_measure_loop, loop, args, rows, urls, sizes, setting)
+                    run[loop] = _in_fresh_process(_measure_loop, loop, args, rows, urls, sizes, shard_dir, setting)
             run["speedup_vs_course"] = round(run["segdist"]["img_s"] / run["course"]["img_s"], 3)
             runs[setting] = run
-    return {"runs": runs, "malloc_settings": {m: MALLOC_SETTINGS[m] for m in args.malloc},
-            "size": args.size, "batch": args.batch, "workers": args.workers, "steps": args.steps,
-            "warmup": args.warmup, "precision": args.precision, "channels_last": args.channels_last,
-            "threads": args.threads or torch.get_num_threads(), "compile": args.compile,
-            "max_side": args.max_side if not args.shards else None, "samples": sum(sizes), "device": args.device,
-            "decode": args.decode, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-            "cpus": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__}
+    common = {"size": args.size, "workers": args.workers, "steps": args.steps, "warmup": args.warmup,
+              "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
+              "max_side": args.max_side if not args.shards else None, "samples": sum(sizes), "device": args.device,
+              "decode": args.decode, "cpus": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__}
+    if args.sweep:
+        return {**swept, **common, "sweep": list(args.sweep)}
+    return {"runs": runs, "malloc_settings": {m: MALLOC_SETTINGS[m] for m in args.malloc}, "batch": args.batch,
+            "threads": args.threads or torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, **common}
 
 
 def format_train_table(r: dict) -> str:
     lines = [f"segdist bench train: size {r['size']}, batch {r['batch']}, {r['steps']} steps after {r['warmup']} "
-             f"warm-up, {r['workers']} workers, segdist precision {r['precision']}"
-             f"{', channels_last' if r['channels_last'] else ''}{', compiled' if r['compile'] else ''}"
+             f"warm-up, {r['workers']} workers, segdist precision {r['precision']}, channels_last "
+             f"{r['channels_last']}, compile {r['compile']}"
              f"{', nvJPEG decode' if r.get('decode') == 'device' else ''}; on {r.get('gpu') or 'the CPU'}; "
              f"{r['cpus']} CPUs ({r['cpu']})",
              f"{'malloc':<8} {'loop':<8} {'img/s':>7} {'x course':>9} {'data-wait':>10} {'faults/s':>10} "

@@ -131,7 +131,21 @@ def _resolve(key_: str) -> tuple[str, str]:
     raise UserError(f"unknown config key '{key_}'{_nearest(key_)}")
 
 
+RENAMED = {"model.compile": ("train.compile", {True: "default", False: "none"}),
+           "train.compile": ("train.compile", {True: "default", False: "none"})}
+"""Keys of earlier versions (and yes/no for a key that became a word) -> (the key now, old value -> new
+value): old configs and saved runs still load."""
+
+
 def _set(cfg: Config, key_: str, value) -> None:
+    if key_ in RENAMED and isinstance(value, bool):
+        new, values = RENAMED[key_]
+        if value and new != key_:  # the default (false) is in every saved config: only a choice gets a note
+            import sys
+
+            print(f"note: config key '{key_}' is now '{new}'; read {key_}={str(value).lower()} as "
+                  f"{new}={values[value]}", file=sys.stderr)
+        key_, value = new, values[value]
     sec, leaf = _resolve(key_)
     section = getattr(cfg, sec)
     typ = _fields(type(section))[leaf].type

@@ -87,6 +87,11 @@ def _same_length_as_mean(key_: str, std, section) -> None:
 _FOLDER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}$")
 
 
+def _auto_or_bool(key_: str, value, section) -> None:
+    if isinstance(value, str) and value != "auto":
+        raise UserError(f"config key '{key_}' must be auto, true or false; got '{value}'")
+
+
 def _plain_name(key_: str, name: str, section) -> None:
     """A run name is one folder inside ``train.out_dir``: no path, no ``..``, nothing hidden."""
     if not _FOLDER_NAME.match(name) or set(name) == {"."}:
@@ -218,8 +223,9 @@ class ModelConfig:
     ``.safetensors``/``.pth`` encoder state dict (checked by :func:`segdist.models.create_model`)."""
     num_classes: int = key(0, range=Range(0, why="0 = from the manifest"))
     """0 = take it from the shard manifest. 1 = binary (sigmoid), K>1 = K-way softmax."""
-    channels_last: bool = key(False)
-    compile: bool = key(False)
+    channels_last: str | bool = key("auto", check=_auto_or_bool)
+    """Model and input batches in channels_last memory format (NHWC: what cuDNN's fast convolutions,
+    and bf16 tensor cores, want); ``auto`` = on a CUDA GPU, off elsewhere."""
     freeze_bn: bool = key(False)
     """Keep BatchNorm layers in eval mode while training (small per-device batches)."""
 
@@ -271,7 +277,12 @@ class TrainConfig:
     out_dir: str = key("runs")
     epochs: int = key(10, range=POSITIVE)
     mixed_precision: str = key("auto", choices=("auto", "no", "fp16", "bf16"))
-    """``no``, ``fp16``, ``bf16``, or ``auto``: what ``accelerate launch``/its config file says (else no)."""
+    """``no``, ``fp16``, ``bf16``, or ``auto``: what ``accelerate launch``/its config file says; else bf16
+    on a CUDA GPU that supports it, else no. (fp16's GradScaler reads its scale every step: a host sync.)"""
+    compile: str = key("none", choices=("none", "default", "max-autotune", "reduce-overhead"))
+    """``torch.compile`` of the model and the loss, as one graph (with its backward): ``none``, or the
+    compile mode. One compile per batch shape (shown as ``compile_s``, apart from images/s);
+    ``reduce-overhead`` adds CUDA graphs. Replaces ``model.compile`` (``true`` is read as ``default``)."""
     seed: int = key(42, range=COUNT)
     eval_every: int = key(1, range=POSITIVE)
     """Evaluate every N epochs (and always after the last)."""
@@ -283,6 +294,8 @@ class TrainConfig:
     """Test-time augmentation of the full-resolution evaluation: ``none`` or ``flip`` (mean of the
     image and its mirror's probabilities). Multi-scale TTA: ``segdist eval --tta flip,0.75,1,1.25``."""
     log_every: int = key(10, range=POSITIVE)
+    """Log every N optimiser steps. Also how often the host reads the step's counters from the device
+    (the training step's only sync): a stop signal or ``max_nonfinite`` acts at the next such read."""
     checkpoint_every: int = key(0, range=Range(0, why="0 = epoch ends only"))
     """Save a resumable state every N optimiser steps (0: only at epoch ends)."""
     keep_last: int = key(2, range=Range(0, why="0 = keep all"))
@@ -296,7 +309,8 @@ class TrainConfig:
     fingerprint; the class table must still match). Best-IoU tracking then restarts: the next evaluation
     replaces ``best/``. Without it such a resume is refused, naming what changed."""
     max_nonfinite: int = key(5, range=POSITIVE)
-    """Consecutive non-finite losses tolerated (skipped) before the run stops."""
+    """Consecutive non-finite steps (loss or gradients) tolerated (skipped) before the run stops; seen at
+    the reads (``log_every``), so up to ``log_every - 1`` more may be skipped first."""
     overlays: int = key(8, range=COUNT)
     """Number of fixed val images drawn as overlays each eval."""
 

@@ -5,10 +5,11 @@ trained in which epoch, appending ``{"epoch": E, "keys": [...]}`` lines to
 import json
 import sys
 
+import segdist.decode as decode
 import segdist.train as train
 from segdist.cli import main
 
-real_to_device, real_one_epoch, where = train.to_device, train.train_one_epoch, {}
+real_to_device, real_one_epoch, where = decode.to_device, train.train_one_epoch, {}
 
 
 def train_one_epoch(t, batches, loop):
@@ -24,5 +25,5 @@ def to_device(batch, *args, **kwargs):
     return real_to_device(batch, *args, **kwargs)
 
 
-train.to_device, train.train_one_epoch = to_device, train_one_epoch
+decode.to_device, train.train_one_epoch = to_device, train_one_epoch  # device_batches calls decode.to_device
 sys.exit(main(["train", *sys.argv[1:]]))
