@@ -9,6 +9,7 @@ loop calls it only at its reads (``segdist.step``).
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -54,7 +55,6 @@ def train_precision(setting: str) -> str:
     """``train.mixed_precision`` for training: ``auto`` is what ``accelerate launch`` set
     (``--mixed_precision``, its config file), else bf16 on a CUDA GPU that has it, else no.
     (``segdist eval`` keeps ``auto`` as Accelerate reads it: exact scores do not follow the GPU.)"""
-    import os
 
     if setting != "auto" or os.environ.get("ACCELERATE_MIXED_PRECISION"):
         return setting

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .distributed import any_rank
+from .evaluate import exact_kernels
 from .optim import DeviceSchedule
 
 __all__ = ["BufferGuard", "Meter", "Progress", "Steps", "compile_forward_loss", "kernels_for_eval"]
@@ -182,7 +183,6 @@ def compile_forward_loss(model: torch.nn.Module, loss_fn, mode: str):
 def kernels_for_eval():
     """Exact kernels for the duration (``segdist.evaluate.exact_kernels``), the training ones after:
     cuDNN autotuning suits fixed-shape training, not scores that must not depend on the batch."""
-    from .evaluate import exact_kernels
 
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     saved = (cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32)

@@ -15,6 +15,7 @@ counted by ``torch.utils.flop_counter``) times images/s over the GPU's dense bf1
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import math
@@ -23,6 +24,16 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..config import load_config
+from ..distributed import StopSignal
+from ..loader import Loader
+from ..memory import tune_malloc
+from ..resume import Loop
+from ..stream import ShardStream
+from ..train import setup, train_one_epoch
+from .common import PeakRss
 
 BF16_PEAK_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "A100": 312, "L40S": 362,
                     "L4": 121, "A10G": 70, "A10": 125, "B200": 2250, "RTX 4090": 165}
@@ -60,9 +71,6 @@ def repeats(samples: int, batch: int, workers: int, batches: int) -> int:
 
 def trainer_for(args, shard_dir: str, out: Path, course: bool):
     """``segdist train``'s trainer for these bench options (``course``: the course's recipe, Adam(3e-3) and flips)."""
-    from ..config import load_config
-    from ..distributed import StopSignal
-    from ..train import setup
 
     recipe = ["optim.name=adam", "optim.lr=3e-3", "optim.weight_decay=0"] if course else []
     recipe += [f"augment.{k}={v}" for k, v in COURSE_AUGMENT_KW.items()] if course else []
@@ -77,10 +85,6 @@ def trainer_for(args, shard_dir: str, out: Path, course: bool):
 
 def epochs_of(t, urls: list[str], sizes: list[int], args, batch: int, stack):
     """``run(n)``: one ``train_one_epoch`` of ``n`` batches of ``batch`` (next epoch each call); returns its record."""
-    from ..loader import Loader
-    from ..resume import Loop
-    from ..stream import ShardStream
-    from ..train import train_one_epoch
 
     times = repeats(sum(sizes), batch, args.workers, max(args.steps, args.warmup))
     stream = ShardStream(urls * times, sizes * times, batch_size=batch, image_size=args.size, train=True,
@@ -99,7 +103,6 @@ def epochs_of(t, urls: list[str], sizes: list[int], args, batch: int, stack):
 
 def flops_per_image(t, size: int) -> float:
     """Forward + backward FLOPs of one image through the model and the loss (matmuls and convolutions)."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     model = t.accelerator.unwrap_model(t.model, keep_torch_compile=False)
     dev = t.accelerator.device
@@ -112,10 +115,6 @@ def flops_per_image(t, size: int) -> float:
 
 def sweep(args, urls: list[str], sizes: list[int], shard_dir: str) -> dict:
     """In a fresh process: each batch size of ``args.sweep``: warm-up epoch, timed epoch; stops at out-of-memory."""
-    import contextlib
-
-    from ..memory import tune_malloc
-    from .common import PeakRss
 
     os.environ.setdefault("TQDM_DISABLE", "1")
     tune_malloc()  # as `segdist train` starts

@@ -28,9 +28,11 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import resource
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,7 @@ import psutil
 import torch
 
 from ..errors import UserError
+from ..memory import ENV, USER_VARS, tune_malloc
 from ..shards import open_shards
 from .common import BenchArgs, OtherCpu, PeakRss, build_bench_shards, check_args, cpu_model, source_csv
 from .course import course_stepper, read_course_csv
@@ -58,7 +61,6 @@ def minor_faults() -> tuple[int, int]:
     (/proc). A child alive at one reading and reaped by the next moves from the second term to
     the first with its whole count, so a difference of two readings counts each fault once.
     """
-    import resource
 
     own = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     total = own + resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
@@ -129,7 +131,6 @@ def users_start_method() -> None:
 def _measure_loop(loop: str, args: TrainArgs, rows: list, urls: list, sizes: list, shard_dir: str,
                   malloc: str) -> dict:
     """Run in a fresh process: ``warmup`` steps, then ``steps`` timed ones; rates over the timed ones."""
-    from ..memory import tune_malloc
 
     # segdist's loop starts as `segdist train` does (cli.main tunes malloc unless the environment
     # already does); the course loop gets it only under the "mallopt" setting.
@@ -158,7 +159,6 @@ def _measure_loop(loop: str, args: TrainArgs, rows: list, urls: list, sizes: lis
             sync()
         seconds = time.perf_counter() - t0
         faults1, own1 = minor_faults()
-    import resource
 
     gpu = {"gpu_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if cuda else {}
 
@@ -176,7 +176,6 @@ def _measure_loop(loop: str, args: TrainArgs, rows: list, urls: list, sizes: lis
 def _malloc_env(setting: str):
     """os.environ for a process started now under ``setting``: the user's MALLOC_* variables removed, and
     :data:`segdist.memory.ENV` added for ``env``. Restored afterwards."""
-    from ..memory import ENV, USER_VARS
 
     saved = dict(os.environ)
     for var in USER_VARS:
@@ -193,7 +192,6 @@ def _malloc_env(setting: str):
 def _in_fresh_process(fn: Callable, *fn_args):
     """``fn(*fn_args)`` in a new interpreter (spawn), so allocator settings and heap state start clean; the
     interpreter starts its own processes the platform's way (:func:`users_start_method`)."""
-    from concurrent.futures import ProcessPoolExecutor
 
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=spawn, initializer=users_start_method) as pool:

@@ -1,0 +1,63 @@
+"""The house rules that keep the layer picture true (docs/architecture.md), checked on the source itself.
+
+The import layers and the absence of import circles are import-linter contracts in pyproject.toml
+(``lint-imports``, run by ``make test``); this file runs them too and checks what they cannot see.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+PACKAGE = REPO / "segdist"
+MAX_LINES = 450
+
+
+def modules() -> list[Path]:
+    files = sorted(PACKAGE.rglob("*.py"))
+    assert len(files) > 40
+    return files
+
+
+def test_the_layer_contract_holds():
+    lint = Path(sys.executable).parent / "lint-imports"
+    p = subprocess.run([str(lint), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    assert "2 kept, 0 broken" in p.stdout
+
+
+def test_no_module_is_over_the_line_limit():
+    long = {str(f.relative_to(REPO)): n for f in modules() if (n := len(f.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
+
+
+def test_no_private_name_is_imported_from_another_module():
+    found = []
+    for f in modules():
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("segdist")):
+                found += [f"{f.relative_to(REPO)}:{node.lineno} {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert found == []
+
+
+def test_function_local_imports_say_why():
+    """Imports inside functions are allowed where they keep a heavy import off a fast path; each says so in a
+    comment on its line or the line above (or is one of a block of imports whose first line does)."""
+    silent = []
+    for f in modules():
+        lines = f.read_text().splitlines()
+        tree = ast.parse("\n".join(lines))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    here, above = lines[node.lineno - 1], lines[max(0, node.lineno - 4):node.lineno - 1]
+                    if "#" not in here and not any("#" in line for line in above):
+                        silent.append(f"{f.relative_to(REPO)}:{node.lineno} {here.strip()}")
+    assert silent == []
