@@ -51,7 +51,8 @@ bench() {  # bench LIMIT LABEL ARGS...: `segdist bench train --json ARGS`, one l
 }
 
 start_s=$SECONDS
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+{ if command -v nvidia-smi > /dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version \
+      --format=csv,noheader; else echo "nvidia-smi: not found (no NVIDIA driver on this machine)"; fi
   "$py" -c "import torch, timm, kornia, segmentation_models_pytorch as smp, accelerate, webdataset as w
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__, 'kornia', kornia.__version__,
       'smp', smp.__version__, 'accelerate', accelerate.__version__, 'webdataset', w.__version__)"

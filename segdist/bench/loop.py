@@ -69,8 +69,9 @@ def repeats(samples: int, batch: int, workers: int, batches: int) -> int:
     return math.ceil((max(batches, 2 * max(workers, 1)) + max(workers, 1)) * batch / max(samples, 1))
 
 
-def trainer_for(args, shard_dir: str, out: Path, course: bool):
-    """``segdist train``'s trainer for these bench options (``course``: the course's recipe, Adam(3e-3) and flips)."""
+def trainer_for(args, shard_dir: str, out: Path, course: bool, owned: contextlib.ExitStack):
+    """``segdist train``'s trainer for these bench options (``course``: the course's recipe, Adam(3e-3) and flips);
+    ``owned`` holds its run folder's lock."""
 
     recipe = ["optim.name=adam", "optim.lr=3e-3", "optim.weight_decay=0"] if course else []
     recipe += [f"augment.{k}={v}" for k, v in COURSE_AUGMENT_KW.items()] if course else []
@@ -80,7 +81,7 @@ def trainer_for(args, shard_dir: str, out: Path, course: bool):
                              f"train.out_dir={out}", "train.name=bench", "train.overlays=0",
                              f"train.mixed_precision={args.precision}", f"model.channels_last={args.channels_last}",
                              f"train.compile={args.compile}", "optim.scheduler=constant", *recipe])
-    return setup(cfg, StopSignal())
+    return setup(cfg, StopSignal(), owned)
 
 
 def epochs_of(t, urls: list[str], sizes: list[int], args, batch: int, stack):
@@ -123,8 +124,8 @@ def sweep(args, urls: list[str], sizes: list[int], shard_dir: str) -> dict:
     torch.manual_seed(0)
     cuda = args.device == "cuda"
     rows = []
-    with tempfile.TemporaryDirectory(prefix="segdist-sweep-") as tmp:
-        t = trainer_for(args, shard_dir, Path(tmp), course=False)
+    with tempfile.TemporaryDirectory(prefix="segdist-sweep-") as tmp, contextlib.ExitStack() as owned:
+        t = trainer_for(args, shard_dir, Path(tmp), course=False, owned=owned)
         flops = flops_per_image(t, args.size)
         gpu = torch.cuda.get_device_name() if cuda else None
         peak = peak_tflops(gpu)
@@ -175,7 +176,7 @@ def timed_segdist(args, urls: list[str], sizes: list[int], shard_dir: str, stack
     """The comparison's segdist side: ``run(n)`` trains ``n`` batches of ``args.batch`` through the trainer's
     epoch (course recipe); returns the seconds spent waiting for data (its clock is the caller's)."""
     t = trainer_for(args, shard_dir, Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="segdist-"))),
-                    course=True)
+                    course=True, owned=stack)
     run_epoch = epochs_of(t, urls, sizes, args, args.batch, stack)
 
     def run(n: int) -> float:
