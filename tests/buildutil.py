@@ -14,10 +14,15 @@ from PIL import Image
 
 from segdist.shards import build_shards
 from segdist.synth import make_synthetic
+from tests.cliutil import run_segdist
 from tests.conftest import REPO
 
 
-def run_cli(*args, timeout: float = 180) -> subprocess.CompletedProcess:
+def run_cli(*args, process: bool = False, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``segdist ARGS``: in this process (tests/cliutil.py), or with ``process`` as a process of its own -- for a
+    test that must see everything written to the real stderr, worker processes' output included."""
+    if not process:
+        return run_segdist(*args)
     return subprocess.run([sys.executable, "-m", "segdist.cli", *map(str, args)], capture_output=True,
                           text=True, cwd=REPO, timeout=timeout)
 

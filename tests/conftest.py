@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# One compute thread per process, in this one and every process a test starts (they inherit it), set before
+# anything imports torch: the test processes run beside loader workers and each other on 2 cores, and two
+# torch threads contending for a busy core made a 64 px training step 7-10x slower than one thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
 HUMAN_SEG = SHARED / "human-segmentation"

@@ -10,6 +10,7 @@ import yaml
 
 from segdist.config import Config, config_from_dict, load_config, save_config
 from segdist.errors import UserError
+from tests.cliutil import run_segdist
 from tests.conftest import REPO
 
 
@@ -138,8 +139,7 @@ def test_registry_names_are_checked_where_the_registries_live():
 
 def test_train_checks_registry_names_before_it_builds_anything(tmp_path):
     """data.shards is empty too: the registry name is refused first, in the config key's words."""
-    p = subprocess.run([sys.executable, "-m", "segdist.cli", "train", "optim.name=lamb", f"train.out_dir={tmp_path}"],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    p = run_segdist("train", "optim.name=lamb", f"train.out_dir={tmp_path}")
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip() == "segdist: error: config key 'optim.name' must be one of adamw, adam, sgd; got 'lamb'"
     assert list(tmp_path.iterdir()) == []

@@ -14,7 +14,6 @@ import io
 import os
 import re
 import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -26,11 +25,10 @@ import pytest
 import webdataset as wds
 
 from segdist.errors import UserError
-from tests.shardutil import make_loader
-from segdist.shards import open_shards
-from segdist.shards import read_samples
+from segdist.shards import open_shards, read_samples
+from tests.cliutil import run_segdist
 from tests.conftest import REPO
-from tests.shardutil import UNEVEN, sample_bytes, write_shards
+from tests.shardutil import UNEVEN, make_loader, sample_bytes, write_shards
 
 ENV = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
@@ -95,9 +93,8 @@ def test_a_shard_left_early_is_not_short(shards):
         list(read_samples(path, 8))
 
 
-def run_cli(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "segdist", *args], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+def run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    return run_segdist(*args)
 
 
 @pytest.mark.slow

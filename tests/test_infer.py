@@ -16,6 +16,7 @@ import torch
 
 from segdist.errors import UserError
 from segdist.infer import predict_paths
+from tests.cliutil import run_segdist
 from tests.conftest import HUMAN_SEG, REPO, require_dataset
 
 
@@ -48,8 +49,7 @@ def test_missing_input_and_bad_checkpoint_are_user_errors(ckpt, tmp_path):
         predict_paths(ckpt, tmp_path / "nope", tmp_path / "o")
     with pytest.raises(UserError, match="not a segdist model folder"):
         predict_paths(tmp_path, tmp_path, tmp_path / "o")
-    p = subprocess.run([sys.executable, "-m", "segdist.cli", "predict", str(tmp_path / "x"), str(tmp_path),
-                        "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, timeout=120)
+    p = run_segdist("predict", tmp_path / "x", tmp_path, "--out", tmp_path / "o")
     assert p.returncode == 2 and "Traceback" not in p.stderr and "segdist: error:" in p.stderr
 
 
@@ -78,8 +78,7 @@ def test_unusable_out_device_and_damaged_model_folder_are_user_errors(ckpt, tmp_
     (torn / "segdist.json").write_text("[1, 2]")
     with pytest.raises(UserError, match="holds list, not a segdist model description"):
         predict_paths(torn, photo, tmp_path / "o", device="cpu")
-    p = subprocess.run([sys.executable, "-m", "segdist.cli", "predict", str(torn), str(photo), "--out",
-                        str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, timeout=120)
+    p = run_segdist("predict", torn, photo, "--out", tmp_path / "o")
     assert p.returncode == 2 and "Traceback" not in p.stderr and "the folder is damaged" in p.stderr
     assert not (tmp_path / "o").exists()  # checked, not created: runs that stopped early leave no empty folder
 

@@ -255,7 +255,7 @@ def test_a_stopped_build_prints_one_line_and_nothing_after_it(tmp_path, on_error
     (src / "classes.json").write_text('["bg", "fg"]')
     out = tmp_path / "out"
     result = run_cli("shards", "build", src, "--out", out, "--classes", src / "classes.json", "--on-error", on_error,
-                     "--samples-per-shard", "2")
+                     "--samples-per-shard", "2", process=True)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("segdist: error: mask masks/4.png has values 7")
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))

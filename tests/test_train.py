@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from segdist.errors import UserError
+from tests.cliutil import is_segdist_command, run_segdist
 from tests.conftest import REPO
 from tests.shardutil import write_shards
 
@@ -36,8 +37,13 @@ def env():
     return {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def run_ok(cmd, timeout=300):
-    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+def run_ok(cmd, timeout=300, process: bool = False):
+    """Run a training command and require exit 0: in this process (tests/cliutil.py), or with ``process`` as a
+    process of its own (what W&B's service needs)."""
+    if process or not is_segdist_command(cmd):
+        p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    else:
+        p = run_segdist(*cmd[3:])
     assert p.returncode == 0, f"STDOUT:\n{p.stdout[-2000:]}\nSTDERR:\n{p.stderr[-4000:]}"
     return p
 
@@ -149,7 +155,8 @@ def test_repeated_nans_stop_cleanly_with_a_saved_state(shards, tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_wandb_offline_run_has_metrics_and_images(shards, tmp_path):
-    run_ok(train_cmd(shards, tmp_path, "wb", "data.batch_size=4", "train.epochs=1", "track.backend=wandb"))
+    run_ok(train_cmd(shards, tmp_path, "wb", "data.batch_size=4", "train.epochs=1", "track.backend=wandb"),
+           process=True)
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     blob = b"".join(f.read_bytes() for f in runs[0].glob("*.wandb"))
@@ -225,8 +232,8 @@ def test_num_classes_that_contradicts_the_manifest_is_refused():
         out_channels_for(load_config(None, ["model.num_classes=3"]), multi)
 
 
-def run_fails(cmd, timeout=300) -> str:
-    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+def run_fails(cmd) -> str:
+    p = run_segdist(*cmd[3:])
     assert p.returncode == 2, f"rc {p.returncode}\nSTDOUT:\n{p.stdout[-2000:]}\nSTDERR:\n{p.stderr[-4000:]}"
     assert "Traceback" not in p.stderr
     return p.stderr
