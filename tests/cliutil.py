@@ -15,6 +15,7 @@ import io
 import subprocess
 import sys
 
+import psutil
 import torch
 
 
@@ -54,3 +55,13 @@ def run(cmd: list, **kw) -> subprocess.CompletedProcess:
     if is_segdist_command(cmd):
         return run_segdist(*cmd[3:])
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+def alive(procs) -> list:
+    """Those of ``procs`` (``psutil.Process``) still running: a zombie has ended; a reused pid is another process."""
+    out = []
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+    return out

@@ -209,9 +209,12 @@ def upload_dir(c, folder: Path, bucket: str, prefix: str) -> str:
     return f"s3://{bucket}/{prefix}/"
 
 
-# ----------------------------------------------------------------------------- fixture bodies
-def serve():
-    """Body of a module fixture: one faulty moto server with a bucket ``data``, and the test credentials in
+# ----------------------------------------------------------------------------- fixtures
+# A test module takes them with ``from tests.s3util import s3_server, store``; pytest finds fixtures by name
+# in the module's namespace, so each module still gets its own server (scope="module").
+@pytest.fixture(scope="module")
+def s3_server():
+    """One faulty moto server with a bucket ``data``, and the test credentials in
     the environment (also for the loader workers and subprocesses started meanwhile)."""
     with pytest.MonkeyPatch.context() as mp:
         for k, v in CREDENTIALS.items():
@@ -227,8 +230,9 @@ def serve():
             server.close()
 
 
-def pointed_at(s3_server: FaultyS3):
-    """Body of a test fixture: the server with no faults, this process's storage settings pointed at it
+@pytest.fixture
+def store(s3_server: FaultyS3):
+    """The server with no faults, this process's storage settings pointed at it
     (short backoffs); both restored after the test."""
     from segdist import storage
 

@@ -7,8 +7,10 @@ The import layers and the absence of import circles are import-linter contracts 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from tests.conftest import REPO
@@ -28,6 +30,19 @@ def test_the_layer_contract_holds():
     p = subprocess.run([str(lint), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     assert "2 kept, 0 broken" in p.stdout
+
+
+def test_the_documented_layer_picture_is_the_checked_one():
+    """docs/architecture.md draws the layers that pyproject.toml's contract checks, and every module is in one."""
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    checked = [[m.strip().removeprefix("segdist.") for m in layer.split("|")]
+               for c in contracts if c["type"] == "layers" for layer in c["layers"]]
+    doc = (REPO / "docs" / "architecture.md").read_text()
+    block = re.search(r"## The import layers \(checked\).*?```\n(.*?)```", doc, re.S).group(1)
+    drawn = [[m.strip() for m in line.split("|")] for line in block.splitlines() if line.strip()]
+    assert drawn == checked
+    top = {f.relative_to(PACKAGE).parts[0].removesuffix(".py") for f in modules()} - {"__init__", "__main__"}
+    assert top == {m for layer in checked for m in layer}
 
 
 def test_no_module_is_over_the_line_limit():

@@ -26,7 +26,7 @@ import webdataset as wds
 
 from segdist.errors import UserError
 from segdist.shards import open_shards, read_samples
-from tests.cliutil import run_segdist
+from tests.cliutil import alive, run_segdist
 from tests.conftest import REPO
 from tests.shardutil import UNEVEN, make_loader, sample_bytes, write_shards
 
@@ -227,13 +227,3 @@ def test_two_process_training_on_a_stalled_server_exits_and_leaves_no_process(tm
     while time.monotonic() < deadline and alive(seen.values()):
         time.sleep(0.2)
     assert not alive(seen.values()), [p.cmdline() for p in alive(seen.values())]
-
-
-def alive(procs) -> list:
-    """Those of ``procs`` still running (a zombie has ended; a reused pid is another process)."""
-    out = []
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-    return out

@@ -27,19 +27,10 @@ from segdist.cli import main
 from segdist.errors import UserError
 from segdist.shards import open_shards
 from segdist.shards import read_samples
+from tests.cliutil import alive
 from tests.conftest import REPO
-from tests.s3util import client, env_for, pointed_at, serve, upload_dir
+from tests.s3util import client, env_for, s3_server, store, upload_dir  # noqa: F401 (s3_server, store: fixtures)
 from tests.shardutil import UNEVEN, keys_of, rank_loader
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    yield from serve()
-
-
-@pytest.fixture
-def store(s3_server):
-    yield from pointed_at(s3_server)
 
 
 @pytest.fixture(scope="module")
@@ -348,16 +339,6 @@ def test_two_process_run_whose_store_stops_answering_fails_on_every_rank(store, 
                          r"[\d.]+ s \(last: 503 SlowDown; endpoint http://127.0.0.1:\d+\)", x) for x in lines), lines
     assert len(seen) >= 4  # 2 ranks and their workers were seen
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-                                              for p in _alive(seen.values())):
+    while time.monotonic() < deadline and alive(seen.values()):
         time.sleep(0.2)
-    assert not _alive(seen.values())
-
-
-def _alive(procs) -> list:
-    out = []
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-    return out
+    assert not alive(seen.values()), [p.cmdline() for p in alive(seen.values())]

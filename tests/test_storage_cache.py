@@ -18,19 +18,9 @@ import pytest
 import webdataset as wds
 
 from segdist import storage
-from tests.s3util import client, pointed_at, serve
+from tests.s3util import client, s3_server, store  # noqa: F401 (fixtures)
 
 CTX = multiprocessing.get_context("fork")  # the loader's way: settings and counters are inherited
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    yield from serve()
-
-
-@pytest.fixture
-def store(s3_server):
-    yield from pointed_at(s3_server)
 
 
 @pytest.fixture(scope="module")

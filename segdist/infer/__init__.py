@@ -42,8 +42,7 @@ The modules, one job each:
 
 from __future__ import annotations
 
-import importlib
-
+from ..lazy import attach
 from .geometry import View, blend_weights, plan_views, view_size, window_starts
 from .inputs import Job, find_inputs, list_images, output_names, shard_jobs, unique_names
 from .options import BATCH_SIZE, BLENDS, MODES, PROB_FORMATS, Options, describe_options, options_for, parse_tta
@@ -54,7 +53,6 @@ _LAZY = {
                   "view_pixels", "view_tiles"),
     "predict": ("predict_paths",),
 }
-_MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 
 __all__ = [  # the lazy names too (see _LAZY)
     "BATCH_SIZE", "BLENDS", "MODES", "PROB_FORMATS", "Job", "Options", "Predictor", "Source", "View",
@@ -64,15 +62,4 @@ __all__ = [  # the lazy names too (see _LAZY)
     "view_size", "view_tiles", "window_starts",
 ]
 
-
-def __getattr__(name: str):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = attach(__name__, _LAZY)

@@ -30,8 +30,7 @@ modules load on first use, so ``import segdist.shards.manifest`` pulls in no num
 
 from __future__ import annotations
 
-import importlib
-
+from ..lazy import attach
 from .discover import (IMAGE_EXTS, MAX_KEY_LEN, SPLIT_ALIASES, SPLIT_ORDER, STRAY_NAMES, Discovery, Pair,
                        assign_splits, discover, sanitize_key, split_order_key)
 from .manifest import (FORMAT, MANIFEST, VERSION, ShardSet, expand_urls, is_pattern, open_shards, read_manifest,
@@ -46,7 +45,6 @@ _LAZY = {
     "verify": ("summarize", "verify_shards"),
     "cli": ("add_cli",),
 }
-_MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 
 __all__ = [
     "FORMAT", "MANIFEST", "VERSION", "ShardSet", "expand_urls", "is_pattern", "open_shards", "read_manifest",
@@ -54,18 +52,7 @@ __all__ = [
     "IGNORE_INDEX", "IMAGE_MEMBERS", "MASK_MEMBER", "ShardId", "image_bytes", "mask_bytes", "read_samples",
     "IMAGE_EXTS", "MAX_KEY_LEN", "SPLIT_ALIASES", "SPLIT_ORDER", "STRAY_NAMES", "Discovery", "Pair",
     "assign_splits", "discover", "sanitize_key", "split_order_key",
-    *_MODULE_OF,
+    *(name for names in _LAZY.values() for name in names),
 ]
 
-
-def __getattr__(name: str):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = attach(__name__, _LAZY)

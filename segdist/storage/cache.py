@@ -190,20 +190,7 @@ def _open_entry(path: Path) -> BinaryIO | None:
 
 def _busy(part: Path) -> bool:
     """Whether a live process is writing ``part``; a dead process's leftover is removed."""
-    try:
-        fd = os.open(part, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(part)
-        return False
-    finally:
-        os.close(fd)
+    return not _remove_unheld(part)
 
 
 def _create_locked(part: Path) -> int:
@@ -226,6 +213,12 @@ def _wait(part: Path) -> None:
 
 def _evict(path: Path) -> bool:
     """Delete entry ``path`` unless someone holds it open (a shared lock); True if it is gone."""
+    return _remove_unheld(path)
+
+
+def _remove_unheld(path: Path) -> bool:
+    """Unlink ``path`` unless a live process holds a lock on it; True if it is gone (or was never there).
+    A lock dies with its process, so a killed writer's or reader's file counts as unheld."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -235,7 +228,8 @@ def _evict(path: Path) -> bool:
     except BlockingIOError:
         return False
     else:
-        os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
         return True
     finally:
         os.close(fd)
