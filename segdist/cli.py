@@ -15,7 +15,7 @@ import sys
 
 from .atomic import check_out_dir
 from .errors import REQUEUE_EXIT, Paused, UserError, disk_full_reason, os_error_line
-from .export import DEFAULT_COUNT, DEFAULT_OPSET, OPSETS
+from .export.options import DEFAULT_COUNT, DEFAULT_OPSET, OPSETS
 from .infer.options import BATCH_SIZE, BLENDS, MODES, PROB_FORMATS, Options
 
 

@@ -66,3 +66,11 @@ def tune_malloc() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success, 0 on error; order: the trim threshold first, as glibc's env parsing does
     return mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and mallopt(M_MMAP_MAX, 0) == 1
+
+
+MALLOC_SETTINGS = {"default": "no MALLOC_* variables: the course on glibc's defaults, segdist as shipped "
+                              "(tune_malloc() at start, as `segdist train` does)",
+                   "env": "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 in the environment at start-up",
+                   "mallopt": "segdist.memory.tune_malloc() called first thing in both processes"}
+"""How each loop's process in ``segdist bench train`` is started (see this module). ``default`` is how users run each:
+its speedup is the headline (the course loop as users run it vs segdist as shipped)."""

@@ -76,3 +76,27 @@ def test_function_local_imports_say_why():
                     if "#" not in here and not any("#" in line for line in above):
                         silent.append(f"{f.relative_to(REPO)}:{node.lineno} {here.strip()}")
     assert silent == []
+
+
+def loaded_after(code: str, watch: tuple[str, ...]) -> list[str]:
+    """Which of ``watch`` a fresh interpreter has imported after running ``code``."""
+    probe = f"import sys\n{code}\nprint(sorted(m for m in {watch!r} if m in sys.modules))"
+    p = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return ast.literal_eval(p.stdout.strip().splitlines()[-1])
+
+
+HEAVY = ("torch", "cv2", "kornia", "timm", "segmentation_models_pytorch", "accelerate", "wandb", "boto3")
+
+
+def test_the_command_line_loads_no_heavy_library_before_a_command_runs():
+    """`segdist --help`, `segdist shards info` or a config typo answer without torch (the parsers read their
+    defaults from light modules: infer.options, export.options, memory; the shards parser's from shards.build,
+    which loads OpenCV). Before 2026-12-07's fix, importing segdist.cli alone loaded torch, OpenCV and Kornia."""
+    assert loaded_after("import segdist.cli", HEAVY) == []
+    assert loaded_after("import segdist.cli\nsegdist.cli.build_parser()", tuple(m for m in HEAVY if m != "cv2")) == []
+
+
+def test_the_data_bench_loads_no_training_stack():
+    """`segdist bench data` forks loader workers from its process: no SMP, timm, Accelerate, W&B or boto3 in it."""
+    assert loaded_after("import segdist.bench, segdist.bench.data", HEAVY[3:]) == []

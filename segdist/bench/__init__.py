@@ -10,13 +10,18 @@ source CSV); :mod:`.course` the course's own loader and loop, the baseline, apar
 code; :mod:`.cli` the sub-commands.
 """
 
+from ..lazy import attach
 from .cli import add_cli
-from .common import BenchArgs, OtherCpu, PeakRss, Timing, build_bench_shards, source_csv, time_epochs, tree_rss
-from .course import course_loader, read_course_csv
-from .data import run_data_bench
-from .decode import run_decode_bench
-from .train import TrainArgs, minor_faults, run_train_bench
 
-__all__ = ["add_cli", "BenchArgs", "OtherCpu", "PeakRss", "Timing", "build_bench_shards", "course_loader",
-           "read_course_csv", "source_csv", "time_epochs", "tree_rss", "run_data_bench", "run_decode_bench",
-           "TrainArgs", "minor_faults", "run_train_bench"]
+_LAZY = {  # loaded on first use: see .cli
+    "common": ("BenchArgs", "OtherCpu", "PeakRss", "Timing", "build_bench_shards", "source_csv", "time_epochs",
+               "tree_rss"),
+    "course": ("course_loader", "read_course_csv"),
+    "data": ("run_data_bench",),
+    "decode": ("run_decode_bench",),
+    "train": ("TrainArgs", "minor_faults", "run_train_bench"),
+}
+
+__all__ = ["add_cli", *(name for names in _LAZY.values() for name in names)]
+
+__getattr__, __dir__ = attach(__name__, _LAZY)

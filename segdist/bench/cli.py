@@ -8,14 +8,12 @@ from pathlib import Path
 
 
 from ..errors import UserError
+from ..memory import MALLOC_SETTINGS
 from ..shards import open_shards
 from .common import DEFAULT_SOURCE, BenchArgs, build_bench_shards, check_args, source_csv
-from .course import read_course_csv
-from .data import format_table, run_data_bench
-from .decode import format_decode_table, run_decode_bench
-from .loop import format_sweep_table
-from .remote import format_remote_table, run_remote_bench
-from .train import MALLOC_SETTINGS, TrainArgs, format_train_table, run_train_bench
+
+# Each _cmd_* imports its own bench: `bench data`'s loader workers fork from this process, and the other
+# benches' stacks (SMP, timm, Accelerate, W&B, boto3: ~250 MB) would be in every one of them.
 
 
 
@@ -92,11 +90,14 @@ def add_cli(sub) -> None:
 
 def _cmd_data(args) -> int:
     if args.remote:
+        from .remote import format_remote_table, run_remote_bench  # lazy: see the imports above
         result = run_remote_bench(BenchArgs(shards=args.shards, source=args.source, split=args.split,
                                             workers=args.workers, max_side=args.max_side, limit=args.limit,
                                             min_seconds=args.min_seconds), args.remote)
         print(json.dumps(result) if args.json else format_remote_table(result))
         return 0
+    from .data import format_table, run_data_bench  # lazy: see the imports above
+
     result = run_data_bench(BenchArgs(shards=args.shards, source=args.source, split=args.split, size=args.size,
                                       batch=args.batch, workers=args.workers, max_side=args.max_side,
                                       limit=args.limit, min_seconds=args.min_seconds, rss=args.rss))
@@ -105,6 +106,9 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_decode(args) -> int:
+    from .course import read_course_csv  # lazy: see the imports above
+    from .decode import format_decode_table, run_decode_bench
+
     check_args(BenchArgs(size=args.size, max_side=args.max_side, limit=args.limit, min_seconds=args.min_seconds))
     with tempfile.TemporaryDirectory(prefix="segdist-bench-") as tmp:
         if args.shards:
@@ -120,6 +124,9 @@ def _cmd_decode(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from .loop import format_sweep_table  # lazy: see the imports above
+    from .train import TrainArgs, format_train_table, run_train_bench
+
     malloc = tuple(MALLOC_SETTINGS) if args.malloc == "all" else tuple(args.malloc.split(","))
     try:
         batches = tuple(int(b) for b in args.sweep.split(",") if b.strip())

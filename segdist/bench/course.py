@@ -17,7 +17,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import segmentation_models_pytorch as smp
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -85,6 +84,10 @@ def course_loader(rows: list[tuple[str, str]], size: int, batch: int, workers: i
 def course_stepper(args, rows: list, urls: list, sizes: list, stack: contextlib.ExitStack):
     """The course's loop, as the course writes it: Unet + Dice(binary) + BCEWithLogits, Adam(3e-3),
     float batches from ``course_loader`` (a new DataLoader iterator every epoch)."""
+    # lazy: `bench data` uses the course's loader only, and SMP/timm in this process would weigh on every
+    # loader worker it forks
+    import segmentation_models_pytorch as smp
+
     device = torch.device(args.device)
     model = smp.Unet(encoder_name="tu-efficientnet_lite0", encoder_weights=None, in_channels=3, classes=1,
                      activation=None).to(device)

@@ -40,7 +40,7 @@ import psutil
 import torch
 
 from ..errors import UserError
-from ..memory import ENV, USER_VARS, tune_malloc
+from ..memory import ENV, MALLOC_SETTINGS, USER_VARS, tune_malloc
 from ..shards import open_shards
 from .common import BenchArgs, OtherCpu, PeakRss, build_bench_shards, check_args, cpu_model, source_csv
 from .course import course_stepper, read_course_csv
@@ -106,14 +106,6 @@ def _segdist_run(args: TrainArgs, rows: list, urls: list, sizes: list, shard_dir
 LOOPS = {"course": _course_run, "segdist": _segdist_run}
 """Training loops ``segdist bench train`` compares: (args, rows, urls, sizes, shard dir, exit stack) -> run(n),
 which trains n steps and returns the seconds spent waiting for data."""
-
-MALLOC_SETTINGS = {"default": "no MALLOC_* variables: the course on glibc's defaults, segdist as shipped "
-                              "(tune_malloc() at start, as `segdist train` does)",
-                   "env": "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 in the environment at start-up",
-                   "mallopt": "segdist.memory.tune_malloc() called first thing in both processes"}
-"""How each loop's process is started (see segdist/memory.py). ``default`` is how users run each:
-its speedup is the headline (the course loop as users run it vs segdist as shipped)."""
-
 
 def users_start_method() -> None:
     """Give this process the platform's default multiprocessing start method back.

@@ -35,20 +35,19 @@ The modules, one job each:
 * :mod:`.writers` -- mask PNGs (palettes) and probability files;
 * :mod:`.predict` -- :func:`predict_paths`, the ``segdist predict`` command.
 
-``options``, ``geometry``, ``inputs`` and ``writers`` load with the package; the names of
-``predictor`` and ``predict`` load on first use, so the CLI reads the defaults of
-:mod:`.options` without loading SMP/timm (``segdist.models``).
+``options`` (no torch) loads with the package; the names of the other modules load on first use, so
+the CLI reads the defaults of :mod:`.options` without loading torch, OpenCV or SMP/timm.
 """
 
 from __future__ import annotations
 
 from ..lazy import attach
-from .geometry import View, blend_weights, plan_views, view_size, window_starts
-from .inputs import Job, find_inputs, list_images, output_names, shard_jobs, unique_names
 from .options import BATCH_SIZE, BLENDS, MODES, PROB_FORMATS, Options, describe_options, options_for, parse_tta
-from .writers import mask_png, model_palette, palette_table, png, prob_files
 
 _LAZY = {
+    "geometry": ("View", "blend_weights", "plan_views", "view_size", "window_starts"),
+    "inputs": ("Job", "find_inputs", "list_images", "output_names", "shard_jobs", "unique_names"),
+    "writers": ("mask_png", "model_palette", "palette_table", "png", "prob_files"),
     "predictor": ("Predictor", "Source", "as_source", "network_input", "pick_device", "read_image",
                   "view_pixels", "view_tiles"),
     "predict": ("predict_paths",),

@@ -8,9 +8,12 @@ binary threshold. The defaults and choices here are the ones ``segdist predict``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..checkpoint import ModelMeta
 from ..errors import UserError
+
+if TYPE_CHECKING:  # an annotation only: the CLI reads this module's defaults without loading torch
+    from ..checkpoint import ModelMeta
 
 MODES = ("resize", "sliding")
 BLENDS = ("gaussian", "linear", "mean")

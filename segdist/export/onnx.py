@@ -33,28 +33,26 @@ import cv2
 import torch
 from torch import nn
 
-from .atomic import atomic_write_bytes, check_out_file
-from .augment import normalize
-from .card import INPUT, OUTPUT
-from .config import STRIDE
-from .checkpoint import read_meta
-from .decode import DecodeError
-from .errors import UserError
-from .metrics import logits_to_pred
-from .resize import resize_batch
-from .shards import IMAGE_EXTS, image_bytes, open_shards, read_samples
-from .synth import make_sample
+from ..atomic import atomic_write_bytes, check_out_file
+from ..augment import normalize
+from ..card import INPUT, OUTPUT
+from ..config import STRIDE
+from ..checkpoint import read_meta
+from ..decode import DecodeError
+from ..errors import UserError
+from ..metrics import logits_to_pred
+from ..models import load_model
+from ..resize import resize_batch
+from ..shards import IMAGE_EXTS, image_bytes, open_shards, read_samples
+from ..infer.predictor import network_input
+from ..synth import make_sample
+from .options import DEFAULT_COUNT, DEFAULT_OPSET, OPSETS
 
 EXTRA = "pip install 'segdist[export]'"
-DEFAULT_OPSET = 17
-OPSETS = range(11, 21)
-"""Opsets the TorchScript exporter writes for these models (Resize needs 11; 20 is its maximum)."""
 MAX_ABS = 1e-3
 """Largest |ONNX logit - PyTorch logit| an export may have."""
 MIN_AGREEMENT = 0.999
 """Smallest share of pixels whose predicted class (binary: logit > 0) must agree."""
-DEFAULT_COUNT = 8
-
 
 # -- the optional extra ---------------------------------------------------------------------
 def missing_extra_message(module: str) -> str:
@@ -151,10 +149,6 @@ def check_inputs(meta: dict, shards: str | None = None, images: str | None = Non
     resize rules: each at its own size). An image that cannot be decoded is skipped; none at all
     is a UserError.
     """
-    # here, not at the top: segdist.infer.predictor loads SMP/timm, and `segdist --help` reads this
-    # module's defaults (DEFAULT_OPSET, DEFAULT_COUNT, OPSETS)
-    from .infer.predictor import network_input
-
     if count < 1:
         raise UserError(f"--count must be >= 1; got {count}")
     if shards:
@@ -251,7 +245,6 @@ def export_onnx(ckpt: str | Path, out: str | Path, dynamic: bool = False, opset:
     ``out`` is written (atomically) only after every check of :func:`check_batches` passes; on a
     failed one it is left as it was and a UserError gives the figures. ``ckpt`` is only read.
     """
-    from .models import load_model  # here, not at the top: SMP/timm (see check_inputs)
 
     onnx, _ = require_onnx()
     check_out_file(out, "--onnx")  # before the export and its check, not after them
