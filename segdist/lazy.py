@@ -1,7 +1,9 @@
 """Names of a package that load their module on first use (PEP 562), so a light import stays light.
 
-``segdist.shards`` and ``segdist.infer`` load their stdlib-only modules at once and the rest (OpenCV,
-PIL, SMP/timm) when a name of theirs is first read.
+``segdist.shards``, ``segdist.infer``, ``segdist.export`` and ``segdist.bench`` load their light modules at
+once and the rest (OpenCV, PIL, torch, SMP/timm, the training stack) when a name of theirs is first read, so
+``import segdist.cli`` loads no torch and ``segdist bench data`` forks its loader workers from a process
+without the training stack (``tests/test_architecture.py`` checks both).
 """
 
 from __future__ import annotations
