@@ -7,11 +7,14 @@ The import layers and the absence of import circles are import-linter contracts 
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -100,3 +103,12 @@ def test_the_command_line_loads_no_heavy_library_before_a_command_runs():
 def test_the_data_bench_loads_no_training_stack():
     """`segdist bench data` forks loader workers from its process: no SMP, timm, Accelerate, W&B or boto3 in it."""
     assert loaded_after("import segdist.bench, segdist.bench.data", HEAVY[3:]) == []
+
+
+@pytest.mark.parametrize("package", ["segdist.shards", "segdist.infer", "segdist.export", "segdist.bench"])
+def test_every_name_a_lazy_package_exports_resolves(package):
+    """Each name in ``__all__`` of a package that loads names on first use (segdist/lazy.py) is there: a name
+    listed under the wrong submodule would otherwise fail only when some user first reads it."""
+    module = importlib.import_module(package)
+    missing = [name for name in module.__all__ if getattr(module, name, None) is None]
+    assert module.__all__ and missing == []

@@ -153,7 +153,7 @@ class ShardCache:
         for _, n, path in sorted(entries):
             if used + need <= limit:
                 break
-            if _evict(path):
+            if _remove_unheld(path):  # nobody reads it (a reader holds a shared lock)
                 used -= n
                 stats.add(cache_evictions=1)
         return used + need <= limit
@@ -209,11 +209,6 @@ def _wait(part: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_SH)
     finally:
         os.close(fd)
-
-
-def _evict(path: Path) -> bool:
-    """Delete entry ``path`` unless someone holds it open (a shared lock); True if it is gone."""
-    return _remove_unheld(path)
 
 
 def _remove_unheld(path: Path) -> bool:
